@@ -1,0 +1,55 @@
+"""The one exception hierarchy of pvmcache_async.
+
+Every error the cache raises is a :class:`CacheError`. Its ``str()`` is a single line that
+names the image (when there is one) and the cause, so that the command line and nova's log
+can print it as it is.
+"""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base class: a failure that names the image it concerns and why."""
+
+    def __init__(self, message: str, *, image_id: str | None = None) -> None:
+        self.image_id = image_id
+        self.message = " ".join(message.split())  # always one line
+        super().__init__(f"image {image_id}: {self.message}" if image_id else self.message)
+
+
+class InvalidInput(CacheError):
+    """An argument was malformed: an image id that is not a uuid, a bad VG spec, ..."""
+
+
+class GlanceError(CacheError):
+    """Talking to Glance failed: transport error, unexpected status, malformed answer."""
+
+    def __init__(
+        self, message: str, *, image_id: str | None = None, status: int | None = None
+    ) -> None:
+        self.status = status
+        super().__init__(message, image_id=image_id)
+
+
+class ImageNotFound(GlanceError):
+    """Glance does not know the image (404): unknown or deleted."""
+
+
+class ImageUnavailable(GlanceError):
+    """The image exists but cannot be cached: not active, not raw, no data, deactivated."""
+
+
+class IntegrityError(CacheError):
+    """The bytes received do not match the image: wrong digest or wrong length."""
+
+
+class StorageError(CacheError):
+    """The volume group refused an operation."""
+
+
+class InsufficientSpace(StorageError):
+    """The volume group has no room for the image."""
+
+
+class DiskExists(StorageError):
+    """A disk with the target name already exists; it is never overwritten."""

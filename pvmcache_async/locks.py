@@ -1,0 +1,138 @@
+"""Concurrency primitives: singleflight within a process, file locks across processes.
+
+``SingleFlight`` makes concurrent calls for one key share one execution. ``FileLock`` is an
+advisory ``flock`` on a file, shared or exclusive, that holds between processes (and between
+tasks of one process: each holder opens its own file description).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import Awaitable, Callable, Hashable
+from pathlib import Path
+from types import TracebackType
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class SingleFlight(Generic[K, V]):
+    """Runs at most one call per key at a time; callers that arrive meanwhile share its result.
+
+    The work runs in a task of its own, not in the first caller, so that:
+
+    * a caller that is cancelled stops waiting and leaves; the work goes on for the others,
+      and goes on to the end even if every caller has left (its result is then discarded);
+    * an exception reaches every caller of that flight, and is not remembered: the key is
+      released as soon as the work ends, so the next call starts afresh;
+    * ``cancel_all`` (used at shutdown) cancels the work itself.
+    """
+
+    def __init__(self) -> None:
+        self._flights: dict[K, asyncio.Task[V]] = {}
+
+    def in_flight(self, key: K) -> bool:
+        return key in self._flights
+
+    async def do(self, key: K, work: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
+        """Return ``(result, leader)``; ``leader`` is True for the caller that started the work.
+
+        ``work`` is called only by the leader. Cancelling a caller never cancels the work.
+        """
+        task = self._flights.get(key)
+        leader = task is None
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._flights[key] = task
+            task.add_done_callback(lambda t, key=key: self._forget(key, t))  # type: ignore[misc]
+        # shield: the caller's cancellation ends its wait, not the shared task
+        return await asyncio.shield(task), leader
+
+    def _forget(self, key: K, task: asyncio.Task[V]) -> None:
+        if self._flights.get(key) is task:
+            del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here so an error nobody awaited is not logged as lost
+
+    async def cancel_all(self) -> None:
+        """Cancel every flight and wait until each has finished its clean-up."""
+        tasks = list(self._flights.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class FileLock:
+    """An advisory ``flock`` on ``path``: exclusive, or shared with other shared holders.
+
+    Each instance is one holder. ``acquire`` polls with a non-blocking ``flock`` so that it
+    never blocks the event loop and can be cancelled at any await; a cancelled ``acquire``
+    holds nothing. The kernel drops the lock when the holder's process dies, so a crash never
+    leaves a lock held. The lock file is never removed while it may be in use: a path that was
+    unlinked and recreated between ``open`` and ``flock`` is detected and retried.
+    """
+
+    def __init__(
+        self, path: Path, *, shared: bool = False, poll: float = 0.005, max_poll: float = 0.1
+    ) -> None:
+        self.path = path
+        self.shared = shared
+        self._poll = poll
+        self._max_poll = max_poll
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now; never waits."""
+        if self._fd is not None:
+            raise RuntimeError(f"lock {self.path} is already held by this holder")
+        mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # we locked a file that was unlinked meanwhile: try again
+            os.close(fd)
+            return self.try_acquire()
+        self._fd = fd
+        return True
+
+    async def acquire(self) -> None:
+        """Wait until the lock is ours. Cancellation leaves it not held."""
+        delay = self._poll
+        while not self.try_acquire():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_poll)
+
+    def release(self) -> None:
+        """Release the lock; closing the file description drops the ``flock``."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    async def __aenter__(self) -> FileLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

@@ -1,0 +1,94 @@
+"""The volume group protocol: the few operations the cache needs from a VG backend.
+
+A backend implements :class:`VolumeGroup` and :class:`PartialDisk`. The core only ever talks
+to these two classes, and obtains a backend through :func:`pvmcache_async.storage.open_vg`.
+
+Contract shared by every backend:
+
+* A disk is visible under a name only once it is complete: ``PartialDisk.publish`` and
+  ``VolumeGroup.clone`` make the target name appear atomically, never half-written.
+* Neither ever replaces an existing disk: a taken target name raises ``DiskExists``.
+* Blocking work (system calls, REST calls) runs off the event loop thread.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class DiskInfo:
+    name: str
+    size: int  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    total: int  # bytes
+    free: int  # bytes
+
+
+class PartialDisk(abc.ABC):
+    """A disk being filled under a temporary name; sequential writes only."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def write(self, chunk: bytes) -> None:
+        """Append ``chunk``. Applies backpressure: returns when the backend took it."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def rewind(self) -> None:
+        """Drop everything written so far and start again at byte 0."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def publish(self, final_name: str) -> None:
+        """Make the data durable, then visible under ``final_name``; the partial is gone."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def discard(self) -> None:
+        """Remove the partial disk. Idempotent; safe after a failed write or publish."""
+        raise NotImplementedError
+
+
+class VolumeGroup(abc.ABC):
+    """A volume group: a flat namespace of disks."""
+
+    spec: str  # how it was opened, e.g. "file:/var/lib/pvmcache/vg"
+    state_dir: Path  # a local directory for the index and the lock files of this VG
+
+    @abc.abstractmethod
+    async def list_disks(self) -> list[DiskInfo]:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def disk_size(self, name: str) -> int | None:
+        """The size of disk ``name`` in bytes, or None when there is no such disk."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def create_partial(self, name: str, size: int) -> PartialDisk:
+        """Start a new disk of ``size`` bytes under the temporary ``name`` (must be free)."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def clone(self, source: str, target: str) -> None:
+        """Create disk ``target`` as a full copy of ``source``; atomic, never replaces."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def delete(self, name: str) -> None:
+        """Remove disk ``name``. A missing disk is not an error."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def capacity(self) -> Capacity:
+        raise NotImplementedError
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release what the backend holds (sessions, threads)."""

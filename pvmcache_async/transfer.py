@@ -1,0 +1,356 @@
+"""The asyncio core: each image is downloaded into the VG once; every deploy clones it.
+
+``ImageCache.ensure(image_id)`` returns the image's cache disk: found in the cache (``hit``),
+downloaded by this call (``miss``), or obtained by waiting on a download already under way in
+this process or another (``joined``). ``ImageCache.deploy(image_id, instance)`` ensures the
+image, then clones the cache disk into the instance's disk.
+
+Locking, per image (``locks``):
+
+* in a process, one ``SingleFlight`` per image: one download task, any number of waiters;
+* across processes, a lock file per image in the VG's state directory: exclusive while a
+  download fills or a removal deletes the cache disk, shared while a deploy clones it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from .errors import CacheError, DiskExists, InsufficientSpace, InvalidInput
+from .glance import GlanceClient
+from .index import Index
+from .locks import FileLock, SingleFlight
+from .models import (
+    CacheEntry,
+    DeployResult,
+    EnsureResult,
+    EntryState,
+    ImageInfo,
+    Outcome,
+    PruneResult,
+)
+from .names import (
+    cache_disk_names,
+    instance_disk_name,
+    partial_disk_name,
+    validate_image_id,
+    validate_instance_uuid,
+)
+from .storage import VolumeGroup
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """Limits of one ``ImageCache``."""
+
+    max_downloads: int = 4  # images downloaded at once by this process
+    max_clones: int = 8  # instance disks cloned at once by this process
+    lock_poll: float = 0.005  # first wait between tries of a busy lock file (doubles to 0.1 s)
+
+    def __post_init__(self) -> None:
+        if self.max_downloads < 1 or self.max_clones < 1:
+            raise InvalidInput("max_downloads and max_clones must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class _Fill:
+    entry: CacheEntry
+    outcome: Outcome
+    fetched: int
+
+
+class ImageCache:
+    """The image cache of one volume group. Create and use it inside one event loop."""
+
+    def __init__(
+        self,
+        vg: VolumeGroup,
+        glance: GlanceClient | None = None,
+        settings: CacheSettings | None = None,
+    ) -> None:
+        self.vg = vg
+        self.glance = glance
+        self.settings = settings or CacheSettings()
+        self._lock_dir = vg.state_dir / "locks"
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        self._index = Index(vg.state_dir / "index.sqlite")
+        self._flights: SingleFlight[str, _Fill] = SingleFlight()
+        self._downloads = asyncio.Semaphore(self.settings.max_downloads)
+        self._clones = asyncio.Semaphore(self.settings.max_clones)
+
+    # -- the two operations -------------------------------------------------------------
+
+    async def ensure(self, image_id: str) -> EnsureResult:
+        """Make sure the image is cached and return its cache disk.
+
+        Concurrent calls for one image share one download (in this process through
+        singleflight, across processes through the image's lock file). Cancelling a caller
+        does not cancel the download the others wait on. An error reaches every caller
+        that shared the download and is not remembered: the next call tries again.
+        """
+        image_id = validate_image_id(image_id)
+        start = time.monotonic()
+        entry = await self._ready(image_id)
+        if entry is not None:
+            await self._db(self._index.touch, image_id, time.time())
+            return EnsureResult(
+                image_id, entry.cache_disk, Outcome.HIT, 0, time.monotonic() - start
+            )
+        fill, leader = await self._flights.do(image_id, lambda: self._fill(image_id))
+        outcome = fill.outcome if leader else Outcome.JOINED
+        fetched = fill.fetched if outcome is Outcome.MISS else 0
+        return EnsureResult(
+            image_id, fill.entry.cache_disk, outcome, fetched, time.monotonic() - start
+        )
+
+    async def deploy(self, image_id: str, instance_uuid: str) -> DeployResult:
+        """Ensure the image, then clone its cache disk into a new disk for the instance.
+
+        The instance disk appears only once complete; an existing disk is never replaced.
+        """
+        image_id = validate_image_id(image_id)
+        instance = validate_instance_uuid(instance_uuid)
+        start = time.monotonic()
+        disk = instance_disk_name(instance)
+        if await self.vg.disk_size(disk) is not None:
+            raise DiskExists(f"instance {instance} already has a disk {disk}", image_id=image_id)
+        first: EnsureResult | None = None
+        for _ in range(3):  # a removal may slip in between ensure and the shared lock
+            ensured = await self.ensure(image_id)
+            first = first or ensured
+            async with self._clones, self._image_lock(image_id, shared=True):
+                entry = await self._ready(image_id)
+                if entry is None:
+                    continue
+                await self.vg.clone(entry.cache_disk, disk)
+            await self._db(self._index.touch, image_id, time.time())
+            return DeployResult(
+                image_id=image_id,
+                instance=instance,
+                disk=disk,
+                cache_disk=entry.cache_disk,
+                result=first.result,
+                bytes_fetched=first.bytes_fetched,
+                seconds=time.monotonic() - start,
+            )
+        raise CacheError(
+            "the cache disk was removed three times while deploying", image_id=image_id
+        )
+
+    # -- the cache's contents -----------------------------------------------------------
+
+    async def entries(self) -> list[CacheEntry]:
+        """Every image in the index, in any state."""
+        return await self._db(self._index.entries)
+
+    async def remove(self, image_id: str, *, idle_for: float = 0.0) -> bool:
+        """Remove the image's cache disk if nothing uses it; return whether it was removed.
+
+        Never waits: when a deploy is cloning the image or a download is filling it (in any
+        process), nothing is removed. ``idle_for`` is checked again under the image's lock:
+        an image used less than that many seconds ago is kept.
+        """
+        image_id = validate_image_id(image_id)
+        if self._flights.in_flight(image_id):
+            return False
+        lock = self._image_lock(image_id)
+        if not lock.try_acquire():
+            return False
+        try:
+            entry = await self._db(self._index.get, image_id)
+            if entry is None or entry.state is not EntryState.READY:
+                return False
+            if time.time() - entry.last_used < idle_for:
+                return False
+            # disk first: a crash in between leaves an entry whose disk is gone, which the
+            # next ensure recognises, rather than an unknown i_ disk that nothing removes
+            await self.vg.delete(entry.cache_disk)
+            await self._db(self._index.delete, image_id)
+            log.info("removed cache disk %s of image %s", entry.cache_disk, image_id)
+            return True
+        finally:
+            lock.release()
+
+    async def prune(
+        self,
+        *,
+        in_use: Collection[str] = (),
+        min_age: float = 0.0,
+        max_bytes: int | None = None,
+        max_count: int | None = None,
+    ) -> PruneResult:
+        """Remove cached images nobody uses: first those unused for ``min_age`` seconds, then,
+        least recently used first, unused ones until the cache fits ``max_bytes`` and
+        ``max_count``. An image in ``in_use``, or being deployed or downloaded, is kept."""
+        busy = {validate_image_id(i) for i in in_use}
+        if min_age < 0 or (max_bytes is not None and max_bytes < 0) or (max_count or 0) < 0:
+            raise InvalidInput("min_age, max_bytes and max_count must not be negative")
+        ready = [e for e in await self.entries() if e.state is EntryState.READY]
+        ready.sort(key=lambda e: e.last_used)
+        now = time.time()
+        removed: list[str] = []
+        kept: list[CacheEntry] = []
+        for entry in ready:
+            old = now - entry.last_used >= min_age
+            if (
+                entry.image_id not in busy
+                and old
+                and await self.remove(entry.image_id, idle_for=min_age)
+            ):
+                removed.append(entry.cache_disk)
+            else:
+                kept.append(entry)
+
+        def over() -> bool:
+            return (max_bytes is not None and sum(e.size for e in kept) > max_bytes) or (
+                max_count is not None and len(kept) > max_count
+            )
+
+        for entry in list(kept):  # least recently used first
+            if not over():
+                break
+            if entry.image_id not in busy and await self.remove(entry.image_id):
+                kept.remove(entry)
+                removed.append(entry.cache_disk)
+        return PruneResult(removed=removed, kept=[e.cache_disk for e in kept])
+
+    async def close(self) -> None:
+        """Cancel downloads in flight (their partial disks are discarded) and release all."""
+        await self._flights.cancel_all()
+        if self.glance is not None:
+            await self.glance.close()
+        await self.vg.close()
+        self._index.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _db(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    def _image_lock(self, image_id: str, *, shared: bool = False) -> FileLock:
+        return FileLock(
+            self._lock_dir / f"{image_id}.lock", shared=shared, poll=self.settings.lock_poll
+        )
+
+    async def _ready(self, image_id: str) -> CacheEntry | None:
+        """The image's entry if it is ready and its disk is there, else None."""
+        entry = await self._db(self._index.get, image_id)
+        if entry is None or entry.state is not EntryState.READY:
+            return None
+        if await self.vg.disk_size(entry.cache_disk) != entry.size:
+            return None
+        return entry
+
+    async def _fill(self, image_id: str) -> _Fill:
+        """The one download of a flight: runs as its own task (see ``SingleFlight``)."""
+        if self.glance is None:
+            raise InvalidInput(
+                "not cached, and no Glance endpoint to fetch it from "
+                "(--glance-url, PVMCACHE_GLANCE_URL)",
+                image_id=image_id,
+            )
+        async with self._downloads:
+            lock = self._image_lock(image_id)
+            waited = not lock.try_acquire()
+            if waited:
+                await lock.acquire()  # another process is filling or removing this image
+            try:
+                entry = await self._recover(image_id)
+                if entry is not None:
+                    return _Fill(entry, Outcome.JOINED if waited else Outcome.HIT, 0)
+                info = await self.glance.get_image(image_id)
+                await self._check_space(info)
+                entry = await self._reserve(info)
+                try:
+                    fetched = await self._download(self.glance, info, entry)
+                    now = time.time()
+                    await self._db(self._index.mark_ready, image_id, now)
+                except BaseException:
+                    await _finish(self._db(self._index.delete, image_id))
+                    raise
+                log.info("cached image %s as %s (%d bytes)", image_id, entry.cache_disk, fetched)
+                return _Fill(
+                    replace(entry, state=EntryState.READY, created=now, last_used=now),
+                    Outcome.MISS,
+                    fetched,
+                )
+            finally:
+                lock.release()
+
+    async def _recover(self, image_id: str) -> CacheEntry | None:
+        """Under the image's exclusive lock: clear what a dead process left, return a ready entry.
+
+        Holding the lock proves no live process is filling this image, so its partial disk and
+        a ``filling`` entry are leftovers of a crash.
+        """
+        await self.vg.delete(partial_disk_name(image_id))
+        entry = await self._db(self._index.get, image_id)
+        if entry is None:
+            return None
+        size = await self.vg.disk_size(entry.cache_disk)
+        if size == entry.size:
+            if entry.state is EntryState.FILLING:  # published, then died before recording it
+                await self._db(self._index.mark_ready, image_id, time.time())
+                entry = replace(entry, state=EntryState.READY)
+            return entry
+        if size is not None:  # ours, but not what we published: never hand it out
+            await self.vg.delete(entry.cache_disk)
+        await self._db(self._index.delete, image_id)
+        return None
+
+    async def _check_space(self, info: ImageInfo) -> None:
+        free = (await self.vg.capacity()).free
+        if free < info.size:
+            raise InsufficientSpace(
+                f"needs {info.size} bytes but the volume group has {free} bytes free",
+                image_id=info.id,
+            )
+
+    async def _reserve(self, info: ImageInfo) -> CacheEntry:
+        """Record a ``filling`` entry under the first cache disk name that is free."""
+        now = time.time()
+        for name in cache_disk_names(info.id):
+            if await self.vg.disk_size(name) is not None:
+                continue  # a disk of another image, or one the cache did not create
+            entry = CacheEntry(
+                info.id,
+                name,
+                info.size,
+                info.digest_algo,
+                info.digest,
+                now,
+                now,
+                EntryState.FILLING,
+            )
+            if await self._db(self._index.reserve, entry):
+                return entry
+        raise AssertionError("unreachable: cache_disk_names is endless")
+
+    async def _download(self, glance: GlanceClient, info: ImageInfo, entry: CacheEntry) -> int:
+        partial = await self.vg.create_partial(partial_disk_name(info.id), info.size)
+        try:
+            fetched = await glance.download(info, partial)
+            await partial.publish(entry.cache_disk)
+        except BaseException:
+            await _finish(partial.discard())
+            raise
+        return fetched
+
+
+async def _finish(cleanup: Coroutine[Any, Any, Any]) -> None:
+    """Run clean-up to its end even if the task is cancelled again meanwhile."""
+    task = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise

@@ -1,0 +1,74 @@
+"""Helpers shared by the tests: image data, and a file VG whose writes can be held."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+
+from pvmcache_async.storage.base import PartialDisk
+from pvmcache_async.storage.filevg import FileVG
+
+
+def disk_image(size: int, seed: int = 0) -> bytes:
+    """Bytes shaped like a disk image: random blocks with long runs of zeros between."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        block = rng.choice([64 << 10, 256 << 10])
+        out += rng.randbytes(block) if rng.random() < 0.6 else bytes(block)
+    return bytes(out[:size])
+
+
+def vg_files(root: Path) -> list[str]:
+    """The disks of a file VG: every non-hidden regular file."""
+    return sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+class GatedPartial(PartialDisk):
+    """A real file-VG partial disk whose first write waits until the gate opens."""
+
+    def __init__(self, inner: PartialDisk, vg: GatedVG) -> None:
+        self.name = inner.name
+        self._inner = inner
+        self._vg = vg
+
+    async def write(self, chunk: bytes) -> None:
+        self._vg.writing.set()
+        await self._vg.gate.wait()
+        await self._inner.write(chunk)
+
+    async def rewind(self) -> None:
+        await self._inner.rewind()
+
+    async def publish(self, final_name: str) -> None:
+        await self._inner.publish(final_name)
+
+    async def discard(self) -> None:
+        await self._inner.discard()
+
+
+class GatedVG(FileVG):
+    """A file VG that holds every download at its first write until ``gate`` is set,
+    and can report a full disk: what a test needs to act while a download is under way."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+        self.writing = asyncio.Event()
+        self.full = False
+        self.partials_created = 0
+
+    async def create_partial(self, name: str, size: int) -> PartialDisk:
+        self.partials_created += 1
+        return GatedPartial(await super().create_partial(name, size), self)
+
+    async def capacity(self):  # type: ignore[no-untyped-def]
+        real = await super().capacity()
+        return type(real)(total=real.total, free=0) if self.full else real
+
+
+def write_random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))

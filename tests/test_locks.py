@@ -1,0 +1,187 @@
+"""SingleFlight and FileLock behave as their docstrings promise, cancellation included."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from pvmcache_async.locks import FileLock, SingleFlight
+
+
+async def test_concurrent_calls_for_one_key_share_one_execution() -> None:
+    flights: SingleFlight[str, int] = SingleFlight()
+    release = asyncio.Event()
+    calls = 0
+
+    async def work() -> int:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return 7
+
+    waiters = [asyncio.create_task(flights.do("k", work)) for _ in range(100)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*waiters)
+    assert calls == 1
+    assert [v for v, _ in results] == [7] * 100
+    assert sum(leader for _, leader in results) == 1
+    assert not flights.in_flight("k")
+
+
+async def test_an_error_reaches_every_waiter_and_is_not_remembered() -> None:
+    flights: SingleFlight[str, int] = SingleFlight()
+    release = asyncio.Event()
+    attempts = 0
+
+    async def failing() -> int:
+        nonlocal attempts
+        attempts += 1
+        await release.wait()
+        raise OSError("boom")
+
+    waiters = [asyncio.create_task(flights.do("k", failing)) for _ in range(10)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results)
+
+    async def ok() -> int:
+        return 1
+
+    assert await flights.do("k", ok) == (1, True)
+    assert attempts == 1
+
+
+async def test_cancelling_waiters_does_not_cancel_the_shared_work() -> None:
+    flights: SingleFlight[str, str] = SingleFlight()
+    release = asyncio.Event()
+
+    async def work() -> str:
+        await release.wait()
+        return "done"
+
+    leader = asyncio.create_task(flights.do("k", work))
+    others = [asyncio.create_task(flights.do("k", work)) for _ in range(5)]
+    await asyncio.sleep(0)
+    leader.cancel()
+    others[0].cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*others[1:]) == [("done", False)] * 4
+    assert leader.cancelled() and others[0].cancelled()
+
+
+async def test_work_outlives_all_its_callers_and_then_the_key_is_free() -> None:
+    flights: SingleFlight[str, str] = SingleFlight()
+    release, finished = asyncio.Event(), asyncio.Event()
+
+    async def work() -> str:
+        await release.wait()
+        finished.set()
+        return "done"
+
+    caller = asyncio.create_task(flights.do("k", work))
+    await asyncio.sleep(0)
+    caller.cancel()
+    await asyncio.sleep(0)
+    assert flights.in_flight("k")
+    release.set()
+    await finished.wait()
+    await asyncio.sleep(0)
+    assert not flights.in_flight("k")
+
+
+async def test_cancel_all_cancels_the_work() -> None:
+    flights: SingleFlight[str, str] = SingleFlight()
+    started, cleaned = asyncio.Event(), asyncio.Event()
+
+    async def work() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+        return "never"
+
+    caller = asyncio.create_task(flights.do("k", work))
+    await started.wait()
+    await flights.cancel_all()
+    assert cleaned.is_set()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_file_lock_excludes_another_process_and_dies_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "img.lock"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, str(path), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"locked\n"
+        assert not FileLock(path).try_acquire()
+        assert not FileLock(path, shared=True).try_acquire()
+        proc.kill()  # the kernel drops a dead holder's lock
+        await proc.wait()
+        lock = FileLock(path)
+        await asyncio.wait_for(lock.acquire(), 10)
+        assert lock.held
+        lock.release()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_shared_holders_coexist_and_exclude_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "img.lock"
+    a, b = FileLock(path, shared=True), FileLock(path, shared=True)
+    assert a.try_acquire() and b.try_acquire()
+    writer = FileLock(path)
+    assert not writer.try_acquire()
+    a.release()
+    assert not writer.try_acquire()
+    b.release()
+    assert writer.try_acquire()
+    writer.release()
+
+
+async def test_cancelled_acquire_holds_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "img.lock"
+    holder = FileLock(path)
+    assert holder.try_acquire()
+    waiter = FileLock(path)
+    task = asyncio.create_task(waiter.acquire())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not waiter.held
+    holder.release()
+    assert FileLock(path).try_acquire()
+
+
+async def test_a_lock_file_replaced_under_a_waiter_is_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "img.lock"
+    holder = FileLock(path)
+    assert holder.try_acquire()
+    path.unlink()  # someone removed the lock file while it was held
+    fresh = FileLock(path)
+    assert fresh.try_acquire()  # a new file: the old holder no longer guards this path
+    assert os.stat(path).st_ino == os.fstat(fresh._fd or -1).st_ino
+    fresh.release()
+    holder.release()

@@ -1,0 +1,206 @@
+"""The core against a real Glance: one download per image, every deploy a correct clone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pvmcache_async import (
+    CacheSettings,
+    DiskExists,
+    GlanceClient,
+    ImageCache,
+    ImageNotFound,
+    ImageUnavailable,
+    InsufficientSpace,
+    InvalidInput,
+    Outcome,
+)
+from pvmcache_async.devglance import GlanceServer
+from pvmcache_async.storage.filevg import FileVG
+
+from .support import GatedVG, disk_image, vg_files
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def cache(tmp_path: Path, glance_server: GlanceServer) -> AsyncIterator[ImageCache]:
+    c = ImageCache(FileVG(tmp_path / "vg"), GlanceClient(glance_server.url))
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def gated(tmp_path: Path, glance_server: GlanceServer) -> AsyncIterator[ImageCache]:
+    c = ImageCache(GatedVG(tmp_path / "vg"), GlanceClient(glance_server.url))
+    yield c
+    await c.close()
+
+
+def _instances(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+async def test_storm_of_deploys_downloads_each_image_once(
+    cache: ImageCache, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    images = {glance_server.create_image(disk_image((2 + i) * MiB, seed=i)): i for i in range(3)}
+    data = {img: disk_image((2 + i) * MiB, seed=i) for img, i in images.items()}
+    plan = [(img, inst) for img in images for inst in _instances(15)]
+
+    results = await asyncio.gather(*(cache.deploy(img, inst) for img, inst in plan))
+
+    for img in images:
+        assert glance_server.file_requests(img) == 1
+        mine = [r for r in results if r.image_id == img]
+        assert [r.result for r in mine].count(Outcome.MISS) == 1
+        assert {r.result for r in mine} <= {Outcome.MISS, Outcome.JOINED}
+        assert sum(r.bytes_fetched for r in mine) == len(data[img])
+    for r in results:
+        disk = (tmp_path / "vg" / r.disk).read_bytes()
+        assert hashlib.sha256(disk).digest() == hashlib.sha256(data[r.image_id]).digest()
+    assert len({r.disk for r in results}) == len(plan)
+
+
+async def test_a_later_deploy_is_a_hit_that_fetches_nothing(
+    cache: ImageCache, glance_server: GlanceServer
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=7))
+    first = await cache.deploy(img, str(uuid.uuid4()))
+    later = await cache.deploy(img, str(uuid.uuid4()))
+    assert (first.result, later.result) == (Outcome.MISS, Outcome.HIT)
+    assert later.bytes_fetched == 0
+    assert later.cache_disk == first.cache_disk == "i_" + img[:13].replace("-", "_")
+    assert glance_server.file_requests(img) == 1
+
+
+async def test_an_error_reaches_every_waiter_and_the_next_call_retries(
+    gated: ImageCache, glance_server: GlanceServer
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=8))
+    vg = gated.vg
+    assert isinstance(vg, GatedVG)
+    vg.full, vg.gate = True, asyncio.Event()
+    vg.gate.set()
+    results = await asyncio.gather(*(gated.ensure(img) for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(r, InsufficientSpace) for r in results)
+    assert "no space" not in str(results[0]) or img in str(results[0])
+    assert glance_server.file_requests(img) == 0  # refused before downloading
+
+    vg.full = False
+    again = await gated.ensure(img)
+    assert again.result is Outcome.MISS
+    assert glance_server.file_requests(img) == 1
+
+
+async def test_cancelled_waiters_leave_and_the_rest_get_the_disk(
+    gated: ImageCache, glance_server: GlanceServer
+) -> None:
+    img = glance_server.create_image(disk_image(2 * MiB, seed=9))
+    vg = gated.vg
+    assert isinstance(vg, GatedVG)
+    tasks = [asyncio.create_task(gated.deploy(img, inst)) for inst in _instances(10)]
+    await asyncio.wait_for(vg.writing.wait(), 30)  # the download is under way, held
+    for t in tasks[:5]:  # the first one started the download: cancel it too
+        t.cancel()
+    vg.gate.set()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in done[:5])
+    assert all(r.cache_disk for r in done[5:])  # type: ignore[union-attr]
+    assert glance_server.file_requests(img) == 1
+    assert vg.partials_created == 1
+
+
+async def test_closing_mid_download_leaves_nothing_partial_or_published(
+    gated: ImageCache, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(2 * MiB, seed=10))
+    vg = gated.vg
+    assert isinstance(vg, GatedVG)
+    task = asyncio.create_task(gated.ensure(img))
+    await asyncio.wait_for(vg.writing.wait(), 30)
+    assert len(vg_files(tmp_path / "vg")) == 1  # the partial, under a p_ name
+    assert not vg_files(tmp_path / "vg")[0].startswith("i_")
+    await gated.close()  # cancels the download in flight
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert vg_files(tmp_path / "vg") == []
+    reopened = ImageCache(FileVG(tmp_path / "vg"))
+    assert await reopened.entries() == []
+    await reopened.close()
+
+
+async def test_two_images_sharing_a_name_prefix_are_never_confused(
+    cache: ImageCache, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    prefix = str(uuid.uuid4())[:24]
+    ids = [f"{prefix}{n:012x}" for n in (1, 2)]
+    data = [disk_image(MiB, seed=11), disk_image(MiB, seed=12)]
+    for image_id, blob in zip(ids, data, strict=True):
+        glance_server.create_image(blob, image_id=image_id)
+    r = await asyncio.gather(*(cache.deploy(i, str(uuid.uuid4())) for i in ids))
+    assert r[0].cache_disk != r[1].cache_disk
+    for result, blob in zip(r, data, strict=True):
+        assert (tmp_path / "vg" / result.disk).read_bytes() == blob
+    again = await cache.deploy(ids[1], str(uuid.uuid4()))
+    assert (again.result, again.cache_disk) == (Outcome.HIT, r[1].cache_disk)
+
+
+async def test_an_instance_disk_is_never_overwritten(
+    cache: ImageCache, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=13))
+    inst = str(uuid.uuid4())
+    first = await cache.deploy(img, inst)
+    (tmp_path / "vg" / first.disk).write_bytes(b"the instance wrote this")
+    with pytest.raises(DiskExists, match="already has a disk"):
+        await cache.deploy(img, inst)
+    assert (tmp_path / "vg" / first.disk).read_bytes() == b"the instance wrote this"
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda g: str(uuid.uuid4()), ImageNotFound, "not found"),
+        (lambda g: g.create_image(b"\0" * 4096, disk_format="qcow2"), ImageUnavailable, "raw"),
+        (lambda g: g.create_image(None), ImageUnavailable, "queued"),
+        (lambda g: "../../etc/passwd", InvalidInput, "not a uuid"),
+    ],
+    ids=["unknown", "not-raw", "no-data", "path-like"],
+)
+async def test_images_that_cannot_be_cached_fail_clearly_and_leave_nothing(
+    cache: ImageCache,
+    glance_server: GlanceServer,
+    tmp_path: Path,
+    make: object,
+    error: type[Exception],
+    message: str,
+) -> None:
+    image_id = make(glance_server)  # type: ignore[operator]
+    with pytest.raises(error, match=message) as info:
+        await cache.deploy(image_id, str(uuid.uuid4()))
+    assert "\n" not in str(info.value)
+    assert vg_files(tmp_path / "vg") == []
+    assert await cache.entries() == []
+
+
+async def test_bounded_downloads_still_serve_every_image(
+    tmp_path: Path, glance_server: GlanceServer
+) -> None:
+    cache = ImageCache(
+        FileVG(tmp_path / "vg"),
+        GlanceClient(glance_server.url),
+        CacheSettings(max_downloads=1, max_clones=1),
+    )
+    try:
+        imgs = [glance_server.create_image(disk_image(MiB, seed=20 + i)) for i in range(3)]
+        results = await asyncio.gather(*(cache.deploy(i, str(uuid.uuid4())) for i in imgs * 3))
+        assert sorted(r.result for r in results).count(Outcome.MISS) == 3
+    finally:
+        await cache.close()
