@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from . import aio
 from .errors import CacheError, InvalidInput
@@ -28,7 +28,6 @@ from .storage import default_vg_spec, open_vg
 from .transfer import CacheSettings, ImageCache
 
 PROG = "pvmcache-async"
-T = TypeVar("T")
 _DEFAULTS = CacheSettings()
 
 
@@ -195,17 +194,20 @@ def _entry_json(e: CacheEntry) -> dict[str, Any]:
     }
 
 
-async def _each(calls: Sequence[Awaitable[T]], report: Callable[[T], None], debug: bool) -> int:
-    """Run calls at once; report each success as it completes, each failure on stderr."""
+async def _each(calls: Sequence[Awaitable[Any]], human: Callable[[Any], str], args: Any) -> int:
+    """Run calls at once; print each result as it completes (a JSON line with ``--json``),
+    each failure as one line on stderr. 1 if any failed."""
     failures = 0
     for next_done in asyncio.as_completed(calls):
         try:
-            report(await next_done)
+            result = await next_done
         except CacheError as exc:
             failures += 1
-            if debug:
+            if args.debug:
                 logging.getLogger(PROG).exception("failed")
             print(f"{PROG}: {exc}", file=sys.stderr)
+            continue
+        print(json.dumps(asdict(result)) if args.json else human(result), flush=True)
     return 1 if failures else 0
 
 
@@ -231,33 +233,23 @@ async def _run(args: argparse.Namespace) -> int:
     cache = _open_cache(args)
     try:
         if args.command == "deploy":
-
-            def show_deploy(r: Any) -> None:
-                if args.json:
-                    print(json.dumps(asdict(r), default=str), flush=True)
-                else:
-                    print(
-                        f"instance {r.instance}: disk {r.disk} cloned from {r.cache_disk} "
-                        f"({r.result}, {r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)",
-                        flush=True,
-                    )
-
             return await _each(
-                [cache.deploy(args.image_id, i) for i in args.instance], show_deploy, args.debug
+                [cache.deploy(args.image_id, i) for i in args.instance],
+                lambda r: (
+                    f"instance {r.instance}: disk {r.disk} cloned from {r.cache_disk} "
+                    f"({r.result}, {r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
+                ),
+                args,
             )
         if args.command == "prefetch":
-
-            def show_prefetch(r: Any) -> None:
-                if args.json:
-                    print(json.dumps(asdict(r), default=str), flush=True)
-                else:
-                    print(
-                        f"image {r.image_id}: {r.cache_disk} ({r.result}, "
-                        f"{r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)",
-                        flush=True,
-                    )
-
-            return await _each([cache.ensure(i) for i in args.image_ids], show_prefetch, args.debug)
+            return await _each(
+                [cache.ensure(i) for i in args.image_ids],
+                lambda r: (
+                    f"image {r.image_id}: {r.cache_disk} ({r.result}, "
+                    f"{r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
+                ),
+                args,
+            )
         if args.command == "ls":
             entries = await cache.entries()
             if args.json:
