@@ -182,11 +182,12 @@ class DriverHook:
             self.manager.update(context, all_instances)
 
     def cache_image(self, context: Any, image_id: str) -> bool:
-        """Pre-cache an image: True when this call fetched it, False when it was cached."""
+        """Pre-cache an image: True when this call fetched it; False when it was cached, or
+        another call's download of it was under way and this one waited for it."""
         if not self.active:
             raise NotImplementedError("the pvmcache image cache is off on this host")
         result = self._with_cache(lambda cache: cache.ensure(image_id), context)
-        return bool(result.result is not Outcome.HIT)
+        return bool(result.result is Outcome.MISS)
 
     def create_disk_from_image(
         self, context: Any, instance: Any, image_meta: Any
