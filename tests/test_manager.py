@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nova import objects
 from nova.compute import vm_states
 from nova.virt import imagecache
 
@@ -129,3 +132,52 @@ def test_get_disk_usage_is_the_bytes_of_the_cache_disks(
     for i in range(2):
         hook.cache_image(ctx, glance_server.create_image(disk_image((1 + i) * MiB, seed=70 + i)))
     assert hook.manager.get_disk_usage() == 3 * MiB
+
+
+def test_a_pass_racing_a_deploy_storm_removes_nothing_in_use_and_fails_no_deploy(
+    hook: DriverHook, ctx: Any, glance_server: GlanceServer, nova_conf: Path
+) -> None:
+    # as aggressive as it gets: no minimum age, a budget of zero images
+    CONF.set_override("remove_unused_original_minimum_age_seconds", 0, "image_cache")
+    CONF.set_override("max_count", 0, "pvmcache")
+    data = {n: disk_image((2 + i) * MiB, seed=80 + i) for i, n in enumerate("XYZUV")}
+    img = {n: glance_server.create_image(blob) for n, blob in data.items()}
+    for n in "UV":  # cached, unused, old: what the passes should remove
+        hook.cache_image(ctx, img[n])
+        age(nova_conf, img[n], 2 * DAY)
+    unused_disks = {e.cache_disk for e in _entries(hook).values()}
+    plan = [(n, make_instance(ctx, img[n])) for n in "XY" for _ in range(10)]
+    snapshot = host_instances(ctx)  # X and Y are in use; Z's instances come after it
+    plan += [(n, make_instance(ctx, img[n])) for n in "Z" for _ in range(10)]
+
+    storm_done = threading.Event()
+    passes: list[list[str]] = []
+
+    def passes_until_the_storm_ends() -> None:
+        while not storm_done.is_set() or not passes:
+            hook.manage_image_cache(ctx, snapshot)
+            passes.append(hook.manager.result.removed)
+
+    def deploy(item: tuple[str, Any]) -> tuple[str, str]:
+        name, inst = item
+        meta = objects.ImageMeta.from_dict({"id": img[name], "disk_format": "raw"})
+        result = hook.create_disk_from_image(ctx, inst, meta)
+        assert result is not None
+        return name, result.disk
+
+    with ThreadPoolExecutor(13) as pool:
+        manager = pool.submit(passes_until_the_storm_ends)
+        try:
+            deployed = list(pool.map(deploy, plan))  # raises if any deploy failed
+        finally:
+            storm_done.set()
+        manager.result()
+
+    assert len(deployed) == 30
+    for name, disk in deployed:
+        assert (nova_conf / disk).read_bytes() == data[name]
+    removed = {d for p in passes for d in p}
+    assert unused_disks <= removed
+    in_use = {e.cache_disk for e in _entries(hook).values() if e.image_id in (img["X"], img["Y"])}
+    assert len(in_use) == 2 and not in_use & removed
+    assert glance_server.file_requests(img["X"]) == glance_server.file_requests(img["Y"]) == 1
