@@ -26,7 +26,7 @@ from nova.virt import imagecache
 from oslo_config import cfg
 
 from . import conf as pvm_conf
-from .errors import InvalidInput
+from .errors import GlanceError, InvalidInput
 from .glance import GlanceClient
 from .loop_thread import LoopThread
 from .models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
@@ -216,8 +216,11 @@ class DriverHook:
     def _with_cache(
         self, work: Callable[[ImageCache], Coroutine[Any, Any, T]], context: Any = None
     ) -> T:
+        self._loop.start()  # first: refuses in eventlet mode before anything else happens
         token = getattr(context, "auth_token", None)
-        url = self._glance_url(context) if context is not None else None
+        url = None
+        if context is not None and (self._cache is None or self._cache.glance is None):
+            url = self._glance_url(context)
 
         async def run() -> T:
             _TOKEN.set(token)
@@ -240,13 +243,18 @@ class DriverHook:
             )
         return self._cache
 
-    def _glance_url(self, context: Any) -> str | None:
+    def _glance_url(self, context: Any) -> str:
+        """``[pvmcache] glance_url``, else nova's choice: ``[glance] api_servers`` or the
+        keystone catalog lookup nova's own Glance client makes with this context."""
         explicit: str | None = self._conf[pvm_conf.GROUP].glance_url
         if explicit:
             return explicit
-        if self._cache is not None and self._cache.glance is not None:
-            return str(self._cache.glance.url)
         from nova.image import glance as nova_glance
 
-        url: str | None = next(nova_glance.get_api_servers(context), None)
-        return url
+        try:
+            url = next(nova_glance.get_api_servers(context), None)
+        except Exception as exc:  # keystoneauth's errors: no catalog, no endpoint, ...
+            raise GlanceError(f"no Glance endpoint from nova's [glance] settings: {exc}") from exc
+        if not url:
+            raise GlanceError("no Glance endpoint from nova's [glance] settings")
+        return str(url)

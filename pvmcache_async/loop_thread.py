@@ -49,7 +49,8 @@ class LoopThread:
     def running(self) -> bool:
         return self._loop is not None
 
-    def _start(self) -> asyncio.AbstractEventLoop:
+    def start(self) -> asyncio.AbstractEventLoop:
+        """Start the loop thread unless it runs; return its loop."""
         with self._lock:
             if self._loop is not None:
                 return self._loop
@@ -84,7 +85,7 @@ class LoopThread:
 
         If the calling thread is interrupted while waiting, the coroutine is cancelled.
         """
-        loop = self._start()
+        loop = self.start()
         if threading.current_thread() is self._thread:
             raise RuntimeError("LoopThread.call from its own loop would deadlock")
         future = asyncio.run_coroutine_threadsafe(work(), loop)
