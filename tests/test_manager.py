@@ -16,6 +16,7 @@ from nova.virt import imagecache
 from pvmcache_async import CacheEntry
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.driver_hook import DriverHook, ImageManager
+from pvmcache_async.locks import FileLock
 
 from .nova_support import CONF, age, destroy_all, host_instances, make_instance
 from .support import disk_image, vg_files
@@ -181,3 +182,22 @@ def test_a_pass_racing_a_deploy_storm_removes_nothing_in_use_and_fails_no_deploy
     in_use = {e.cache_disk for e in _entries(hook).values() if e.image_id in (img["X"], img["Y"])}
     assert len(in_use) == 2 and not in_use & removed
     assert glance_server.file_requests(img["X"]) == glance_server.file_requests(img["Y"]) == 1
+
+
+def test_a_pass_skips_an_image_another_process_holds_and_removes_it_next_pass(
+    hook: DriverHook, ctx: Any, glance_server: GlanceServer, nova_conf: Path
+) -> None:
+    imgs = [glance_server.create_image(disk_image(MiB, seed=90 + i)) for i in range(2)]
+    for img in imgs:
+        hook.cache_image(ctx, img)
+        age(nova_conf, img, 2 * DAY)
+    # what a deploy cloning imgs[0] in another nova or pvmcache-async process holds
+    other = FileLock(nova_conf / ".pvmcache" / "locks" / f"{imgs[0]}.lock", shared=True)
+    assert other.try_acquire()
+    try:
+        hook.manage_image_cache(ctx, host_instances(ctx))  # returns: busy images are skipped
+        assert set(_entries(hook)) == {imgs[0]}
+    finally:
+        other.release()
+    hook.manage_image_cache(ctx, host_instances(ctx))
+    assert _entries(hook) == {}
