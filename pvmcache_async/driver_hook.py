@@ -167,8 +167,9 @@ class DriverHook:
         self.active = bool(pc.enabled) and self.disk_driver == "localdisk"
         self.settings = CacheSettings(max_downloads=pc.max_downloads, max_clones=pc.max_clones)
         self._loop = LoopThread(executor_workers=self.settings.max_clones + 16)
+        self.vg_spec: str = pc.volume_group
         self._cache: ImageCache | None = None
-        self.manager = ImageManager(self._with_cache, pc.volume_group, conf)
+        self.manager = ImageManager(self._with_cache, self.vg_spec, conf)
 
     @property
     def capabilities(self) -> dict[str, bool]:
@@ -231,8 +232,7 @@ class DriverHook:
     def _open_cache(self, url: str | None) -> ImageCache:
         """The one ImageCache, made on the loop the first time; runs on the loop thread."""
         if self._cache is None:
-            vg = open_vg(self._conf[pvm_conf.GROUP].volume_group)
-            self._cache = ImageCache(vg, None, self.settings)
+            self._cache = ImageCache(open_vg(self.vg_spec), None, self.settings)
         if self._cache.glance is None and url:  # a manager pass needs none, a download does
             gc = self._conf.glance
             self._cache.glance = _ContextGlanceClient(
