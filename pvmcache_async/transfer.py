@@ -218,7 +218,11 @@ class ImageCache:
             raise InvalidInput("min_age, max_bytes and max_count must not be negative")
         as_of = time.time() if in_use_as_of is None else in_use_as_of
         await self.mark_used(busy, as_of)
-        ready = [e for e in await self.entries() if e.state is EntryState.READY]
+        entries = await self.entries()
+        for entry in entries:
+            if entry.state is EntryState.FILLING:
+                await self._clear_leftover(entry.image_id)
+        ready = [e for e in entries if e.state is EntryState.READY]
         ready.sort(key=lambda e: e.last_used)
         now = time.time()
         removed: list[str] = []
@@ -246,6 +250,20 @@ class ImageCache:
                 kept.remove(entry)
                 removed.append(entry.cache_disk)
         return PruneResult(removed=removed, kept=[e.cache_disk for e in kept])
+
+    async def _clear_leftover(self, image_id: str) -> None:
+        """A ``filling`` entry whose lock is free is what a crashed download left: clear its
+        partial disk (which may be as large as the image) now, not at the next ensure."""
+        if self._flights.in_flight(image_id):
+            return
+        lock = self._image_lock(image_id)
+        if not lock.try_acquire():
+            return  # a live download, in this process or another
+        try:
+            if not self._flights.in_flight(image_id):
+                await self._recover(image_id)
+        finally:
+            lock.release()
 
     async def close(self) -> None:
         """Cancel downloads in flight (their partial disks are discarded) and release all."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,10 +14,13 @@ from nova import objects
 from nova.compute import vm_states
 from nova.virt import imagecache
 
-from pvmcache_async import CacheEntry
+from pvmcache_async import CacheEntry, EntryState, ImageCache
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.driver_hook import DriverHook, ImageManager
+from pvmcache_async.index import Index
 from pvmcache_async.locks import FileLock
+from pvmcache_async.names import cache_disk_names, partial_disk_name
+from pvmcache_async.storage.filevg import FileVG
 
 from .nova_support import CONF, age, destroy_all, host_instances, make_instance
 from .support import disk_image, vg_files
@@ -201,3 +205,22 @@ def test_a_pass_skips_an_image_another_process_holds_and_removes_it_next_pass(
         other.release()
     hook.manage_image_cache(ctx, host_instances(ctx))
     assert _entries(hook) == {}
+
+
+async def test_a_pass_clears_what_a_crashed_download_left(tmp_path: Path) -> None:
+    img = str(uuid.uuid4())
+    vg = FileVG(tmp_path / "vg")
+    index = Index(vg.state_dir / "index.sqlite")  # as a process that died mid-download left it
+    entry = CacheEntry(img, next(cache_disk_names(img)), MiB, "sha512", "0" * 128, 1.0, 1.0,
+                       EntryState.FILLING)  # fmt: skip
+    assert index.reserve(entry)
+    index.close()
+    (tmp_path / "vg" / partial_disk_name(img)).write_bytes(b"\0" * 4096)
+    cache = ImageCache(vg)
+    try:
+        result = await cache.prune(min_age=0)
+        assert (result.removed, result.kept) == ([], [])
+        assert vg_files(tmp_path / "vg") == []
+        assert await cache.entries() == []
+    finally:
+        await cache.close()
