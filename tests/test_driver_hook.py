@@ -19,7 +19,7 @@ from nova import objects
 
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.driver_hook import DriverHook
-from pvmcache_async.errors import GlanceError
+from pvmcache_async.errors import GlanceError, InvalidInput
 
 from .nova_support import CONF, make_instance
 from .support import disk_image, vg_files
@@ -201,3 +201,12 @@ def test_no_glance_endpoint_is_one_clear_line(nova_conf: Path, nova_db: Any) -> 
         assert "\n" not in str(info.value)
     finally:
         hook.close()
+
+
+def test_a_bad_image_id_is_one_clear_line_and_touches_nothing(
+    hook: DriverHook, nova_db: Any, nova_conf: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="not a uuid") as info:
+        hook.cache_image(nova_db, "../../etc/passwd")
+    assert "\n" not in str(info.value)
+    assert vg_files(nova_conf) == []
