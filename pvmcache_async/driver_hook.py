@@ -123,8 +123,9 @@ class ImageManager(imagecache.ImageCacheManager):  # type: ignore[misc]
             log.info("Removed unused cache disks: %s", " ".join(self.result.removed))
 
     def _list_in_use(self, context: Any, all_instances: Any) -> None:
-        # the time first: a deploy that starts while nova's database is read touches its
-        # image after this moment, and the cache keeps what was used since
+        # the time first: the cache keeps every image used since, so a deploy that started
+        # during the pass is safe even if its instance is missing from ``all_instances``
+        # (nova sets an instance's host before it spawns, so it is normally listed)
         self.in_use_as_of = time.time()
         running = self._list_running_instances(context, all_instances)
         self.used_images = running["used_images"]
