@@ -151,12 +151,17 @@ class ImageCache:
         """Every image in the index, in any state."""
         return await self._db(self._index.entries)
 
-    async def remove(self, image_id: str, *, idle_for: float = 0.0) -> bool:
+    async def remove(
+        self, image_id: str, *, idle_for: float = 0.0, unused_since: float | None = None
+    ) -> bool:
         """Remove the image's cache disk if nothing uses it; return whether it was removed.
 
         Never waits: when a deploy is cloning the image or a download is filling it (in any
-        process), nothing is removed. ``idle_for`` is checked again under the image's lock:
-        an image used less than that many seconds ago is kept.
+        process), nothing is removed. Under the image's exclusive lock, just before deleting,
+        the in-use test is repeated (nova libvirt's fix for its bugs 1256838 and 1470437): no
+        download of it in flight in this process, and not used in the last ``idle_for``
+        seconds nor at or after ``unused_since`` (the moment the caller's in-use snapshot was
+        taken: a deploy that began after it is not in the snapshot, but it touched the entry).
         """
         image_id = validate_image_id(image_id)
         if self._flights.in_flight(image_id):
@@ -165,10 +170,15 @@ class ImageCache:
         if not lock.try_acquire():
             return False
         try:
+            # a download may have started meanwhile; it waits for this lock, so keep the image
+            if self._flights.in_flight(image_id):
+                return False
             entry = await self._db(self._index.get, image_id)
             if entry is None or entry.state is not EntryState.READY:
                 return False
             if time.time() - entry.last_used < idle_for:
+                return False
+            if unused_since is not None and entry.last_used >= unused_since:
                 return False
             # disk first: a crash in between leaves an entry whose disk is gone, which the
             # next ensure recognises, rather than an unknown i_ disk that nothing removes
@@ -179,6 +189,13 @@ class ImageCache:
         finally:
             lock.release()
 
+    async def mark_used(self, image_ids: Collection[str], when: float | None = None) -> None:
+        """Record that these images are in use now (nova's manager does this each pass, as
+        libvirt's touches its base files), so their minimum age counts from their last use."""
+        when = time.time() if when is None else when
+        for image_id in {validate_image_id(i) for i in image_ids}:
+            await self._db(self._index.touch, image_id, when)
+
     async def prune(
         self,
         *,
@@ -186,14 +203,26 @@ class ImageCache:
         min_age: float = 0.0,
         max_bytes: int | None = None,
         max_count: int | None = None,
+        in_use_as_of: float | None = None,
     ) -> PruneResult:
         """Remove cached images nobody uses: first those unused for ``min_age`` seconds, then,
         least recently used first, unused ones until the cache fits ``max_bytes`` and
-        ``max_count``. An image in ``in_use``, or being deployed or downloaded, is kept."""
+        ``max_count``. An image in ``in_use``, or being deployed or downloaded, is kept, and so
+        is one used at or after ``in_use_as_of`` (when ``in_use`` was determined; default: now),
+        whose users ``in_use`` may not show. Images in ``in_use`` count as used now.
+
+        Never waits on a busy image (see ``remove``): a slow download delays no pass.
+        """
         busy = {validate_image_id(i) for i in in_use}
         if min_age < 0 or (max_bytes is not None and max_bytes < 0) or (max_count or 0) < 0:
             raise InvalidInput("min_age, max_bytes and max_count must not be negative")
-        ready = [e for e in await self.entries() if e.state is EntryState.READY]
+        as_of = time.time() if in_use_as_of is None else in_use_as_of
+        await self.mark_used(busy, as_of)
+        entries = await self.entries()
+        for entry in entries:
+            if entry.state is EntryState.FILLING:
+                await self._clear_leftover(entry.image_id)
+        ready = [e for e in entries if e.state is EntryState.READY]
         ready.sort(key=lambda e: e.last_used)
         now = time.time()
         removed: list[str] = []
@@ -203,7 +232,7 @@ class ImageCache:
             if (
                 entry.image_id not in busy
                 and old
-                and await self.remove(entry.image_id, idle_for=min_age)
+                and await self.remove(entry.image_id, idle_for=min_age, unused_since=as_of)
             ):
                 removed.append(entry.cache_disk)
             else:
@@ -217,10 +246,24 @@ class ImageCache:
         for entry in list(kept):  # least recently used first
             if not over():
                 break
-            if entry.image_id not in busy and await self.remove(entry.image_id):
+            if entry.image_id not in busy and await self.remove(entry.image_id, unused_since=as_of):
                 kept.remove(entry)
                 removed.append(entry.cache_disk)
         return PruneResult(removed=removed, kept=[e.cache_disk for e in kept])
+
+    async def _clear_leftover(self, image_id: str) -> None:
+        """A ``filling`` entry whose lock is free is what a crashed download left: clear its
+        partial disk (which may be as large as the image) now, not at the next ensure."""
+        if self._flights.in_flight(image_id):
+            return
+        lock = self._image_lock(image_id)
+        if not lock.try_acquire():
+            return  # a live download, in this process or another
+        try:
+            if not self._flights.in_flight(image_id):
+                await self._recover(image_id)
+        finally:
+            lock.release()
 
     async def close(self) -> None:
         """Cancel downloads in flight (their partial disks are discarded) and release all."""

@@ -1,0 +1,261 @@
+"""Where the cache is embedded in nova-compute: the image cache manager and the driver facade.
+
+``ImageManager`` is a ``nova.virt.imagecache.ImageCacheManager``: nova's periodic task
+``_run_image_cache_manager_pass`` reaches it through ``driver.manage_image_cache``. It asks
+nova which images its instances use (``_list_running_instances``, from nova's database; the
+compute manager passes soft-deleted instances too, so they count as users) and lets the cache
+remove what is unused, old enough and its own, and then enforce the optional budget.
+
+``DriverHook`` is what a PowerVM compute driver delegates to: ``manage_image_cache``,
+``cache_image``, ``capabilities`` and ``create_disk_from_image``. Its methods are synchronous,
+for nova's native threads, and run on one asyncio loop in a dedicated thread (``LoopThread``),
+so that every thread shares one cache: one download per image however many threads ask.
+
+This module translates; the decisions are the cache's (``transfer.ImageCache``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from nova.virt import imagecache
+from oslo_config import cfg
+
+from . import conf as pvm_conf
+from .errors import GlanceError, InvalidInput
+from .glance import GlanceClient
+from .loop_thread import LoopThread
+from .models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
+from .names import validate_image_id
+from .storage import open_vg
+from .transfer import CacheSettings, ImageCache
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The Glance token of the nova request a coroutine serves. Set at the top of each call on the
+# loop; the download task singleflight starts copies it, so the first caller's token fetches.
+_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("pvmcache_token", default=None)
+
+
+class _ContextGlanceClient(GlanceClient):
+    """A GlanceClient that authenticates as the nova request it serves (``_TOKEN``)."""
+
+    def _headers(self) -> dict[str, str]:
+        token = _TOKEN.get()
+        return {"X-Auth-Token": token} if token else {}
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        validate_image_id(value)
+    except InvalidInput:
+        return False
+    return True
+
+
+class ImageManager(imagecache.ImageCacheManager):  # type: ignore[misc]
+    """nova's image cache manager for the cache in a volume group.
+
+    ``call`` runs a coroutine function with the ``ImageCache`` on the cache's loop and returns
+    its result (``DriverHook`` provides it). A pass never blocks a deploy and is never held up
+    by one: busy images are skipped, not waited for, and looked at again next pass.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[Callable[[ImageCache], Coroutine[Any, Any, Any]]], Any],
+        base: str,
+        conf: cfg.ConfigOpts,
+    ) -> None:
+        super().__init__()  # remove_unused_base_images from [image_cache]
+        self._call = call
+        self._base = base
+        self._conf = conf
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.cached: dict[str, CacheEntry] = {}  # image id -> ready cache entry
+        self.used_images: dict[str, tuple[int, int, list[str]]] = {}
+        self.in_use_as_of = 0.0
+        self.active_images: list[str] = []
+        self.result = PruneResult(removed=[], kept=[])
+
+    def _get_base(self) -> str:
+        """The volume group holding the cache disks (libvirt's is its ``_base`` directory)."""
+        return self._base
+
+    def _scan_base_images(self, base_dir: str) -> None:
+        entries: list[CacheEntry] = self._call(lambda cache: cache.entries())
+        self.cached = {e.image_id: e for e in entries if e.state is EntryState.READY}
+
+    def _age_and_verify_cached_images(
+        self, context: Any, all_instances: Any, base_dir: str
+    ) -> None:
+        if not self.in_use_as_of:  # called on its own, not from update()
+            self._list_in_use(context, all_instances)
+        in_use = [i for i in self.used_images if _is_uuid(i)]  # nothing else can be cached
+        self.active_images = sorted(set(in_use) & set(self.cached))
+        if self.active_images:
+            log.info("Active cached images: %s", " ".join(self.active_images))
+        ic = self._conf.image_cache
+        if not self.remove_unused_base_images:
+            # removes nothing, but in-use images still count as used now
+            self._call(lambda cache: cache.mark_used(in_use, self.in_use_as_of))
+            kept = sorted(e.cache_disk for e in self.cached.values())
+            self.result = PruneResult(removed=[], kept=kept)
+            return
+        pc = self._conf[pvm_conf.GROUP]
+        self.result = self._call(
+            lambda cache: cache.prune(
+                in_use=in_use,
+                min_age=float(ic.remove_unused_original_minimum_age_seconds),
+                max_bytes=pc.max_bytes,
+                max_count=pc.max_count,
+                in_use_as_of=self.in_use_as_of,
+            )
+        )
+        if self.result.removed:
+            log.info("Removed unused cache disks: %s", " ".join(self.result.removed))
+
+    def _list_in_use(self, context: Any, all_instances: Any) -> None:
+        # the time first: the cache keeps every image used since, so a deploy that started
+        # during the pass is safe even if its instance is missing from ``all_instances``
+        # (nova sets an instance's host before it spawns, so it is normally listed)
+        self.in_use_as_of = time.time()
+        running = self._list_running_instances(context, all_instances)
+        self.used_images = running["used_images"]
+
+    def update(self, context: Any, all_instances: Any) -> None:
+        base_dir = self._get_base()
+        self._reset_state()
+        self._scan_base_images(base_dir)
+        self._list_in_use(context, all_instances)
+        try:
+            self._age_and_verify_cached_images(context, all_instances, base_dir)
+        finally:
+            self.in_use_as_of = 0.0  # this pass's snapshot is not reused by a later call
+
+    def get_disk_usage(self) -> int:
+        """Bytes the cache disks take in the volume group (downloads under way included)."""
+        entries: list[CacheEntry] = self._call(lambda cache: cache.entries())
+        return sum(e.size for e in entries)
+
+
+class DriverHook:
+    """The image cache as a nova compute driver sees it; synchronous, safe from any thread.
+
+    Off (``[pvmcache] enabled = False``, or a disk driver other than ``localdisk``):
+    ``capabilities['has_imagecache']`` is False, ``manage_image_cache`` does nothing,
+    ``create_disk_from_image`` returns None (the driver makes the disk its own way) and
+    ``cache_image`` raises NotImplementedError, which is nova's own answer for a driver that
+    cannot pre-cache (the compute manager reports the image as 'unsupported').
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts | None = None, *, disk_driver: str | None = None):
+        if conf is None:
+            import nova.conf
+
+            conf = nova.conf.CONF
+        pvm_conf.register_opts(conf)
+        self._conf = conf
+        pc = conf[pvm_conf.GROUP]
+        self.disk_driver = disk_driver or pc.disk_driver
+        self.active = bool(pc.enabled) and self.disk_driver == "localdisk"
+        self.settings = CacheSettings(max_downloads=pc.max_downloads, max_clones=pc.max_clones)
+        self._loop = LoopThread(executor_workers=self.settings.max_clones + 16)
+        self.vg_spec: str = pc.volume_group
+        self._cache: ImageCache | None = None
+        self.manager = ImageManager(self._with_cache, self.vg_spec, conf)
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        return {"has_imagecache": self.active}
+
+    # -- nova's driver methods ---------------------------------------------------------------
+
+    def manage_image_cache(self, context: Any, all_instances: Any) -> None:
+        """One pass of the image cache manager (nova's periodic task)."""
+        if self.active:
+            self.manager.update(context, all_instances)
+
+    def cache_image(self, context: Any, image_id: str) -> bool:
+        """Pre-cache an image: True when this call fetched it; False when it was cached, or
+        another call's download of it was under way and this one waited for it."""
+        if not self.active:
+            raise NotImplementedError("the pvmcache image cache is off on this host")
+        result = self._with_cache(lambda cache: cache.ensure(image_id), context)
+        return bool(result.result is Outcome.MISS)
+
+    def create_disk_from_image(
+        self, context: Any, instance: Any, image_meta: Any
+    ) -> DeployResult | None:
+        """The instance's disk as a clone of the cached image (downloaded at most once)."""
+        if not self.active:
+            return None
+        image_id = image_meta["id"] if isinstance(image_meta, dict) else image_meta.id
+        deployed: DeployResult = self._with_cache(
+            lambda cache: cache.deploy(image_id, instance.uuid), context
+        )
+        return deployed
+
+    def close(self) -> None:
+        """Stop the loop thread: downloads in flight are cancelled and leave nothing behind."""
+
+        async def close_cache() -> None:
+            cache, self._cache = self._cache, None
+            if cache is not None:
+                await cache.close()
+
+        self._loop.stop(close_cache)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _with_cache(
+        self, work: Callable[[ImageCache], Coroutine[Any, Any, T]], context: Any = None
+    ) -> T:
+        self._loop.start()  # first: refuses in eventlet mode before anything else happens
+        token = getattr(context, "auth_token", None)
+        url = None
+        if context is not None and (self._cache is None or self._cache.glance is None):
+            url = self._glance_url(context)
+
+        async def run() -> T:
+            _TOKEN.set(token)
+            return await work(self._open_cache(url))
+
+        return self._loop.call(run)
+
+    def _open_cache(self, url: str | None) -> ImageCache:
+        """The one ImageCache, made on the loop the first time; runs on the loop thread."""
+        if self._cache is None:
+            self._cache = ImageCache(open_vg(self.vg_spec), None, self.settings)
+        if self._cache.glance is None and url:  # a manager pass needs none, a download does
+            gc = self._conf.glance
+            self._cache.glance = _ContextGlanceClient(
+                url,
+                ca_file=gc.cafile,
+                verify_tls=not gc.insecure,
+                read_timeout=self._conf[pvm_conf.GROUP].read_timeout,
+            )
+        return self._cache
+
+    def _glance_url(self, context: Any) -> str:
+        """``[pvmcache] glance_url``, else nova's choice: ``[glance] api_servers`` or the
+        keystone catalog lookup nova's own Glance client makes with this context."""
+        explicit: str | None = self._conf[pvm_conf.GROUP].glance_url
+        if explicit:
+            return explicit
+        from nova.image import glance as nova_glance
+
+        try:
+            url = next(nova_glance.get_api_servers(context), None)
+        except Exception as exc:  # keystoneauth's errors: no catalog, no endpoint, ...
+            raise GlanceError(f"no Glance endpoint from nova's [glance] settings: {exc}") from exc
+        if not url:
+            raise GlanceError("no Glance endpoint from nova's [glance] settings")
+        return str(url)

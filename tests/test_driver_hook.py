@@ -1,0 +1,212 @@
+"""The driver facade as nova-compute calls it: synchronous, from many native threads at once."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from nova import objects
+
+from pvmcache_async.devglance import GlanceServer
+from pvmcache_async.driver_hook import DriverHook
+from pvmcache_async.errors import GlanceError, InvalidInput
+
+from .nova_support import CONF, make_instance
+from .support import disk_image, vg_files
+
+pytest_plugins = ["tests.nova_support"]
+MiB = 1 << 20
+
+
+def _loop_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pvmcache-loop"]
+
+
+def test_cache_image_returns_true_when_it_fetched_then_false(
+    hook: DriverHook, nova_db: Any, glance_server: GlanceServer, nova_conf: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=100))
+    assert hook.capabilities == {"has_imagecache": True}
+    assert hook.cache_image(nova_db, img) is True
+    assert hook.cache_image(nova_db, img) is False
+    assert glance_server.file_requests(img) == 1
+    assert vg_files(nova_conf) == ["i_" + img[:13].replace("-", "_")]
+
+
+def test_the_facade_from_many_threads_at_once_downloads_each_image_once(
+    hook: DriverHook, nova_db: Any, glance_server: GlanceServer, nova_conf: Path
+) -> None:
+    data = [disk_image(2 * MiB, seed=110 + i) for i in range(3)]
+    imgs = [glance_server.create_image(blob) for blob in data]
+    calls = [(i, n) for i in range(3) for n in range(12)]  # per image: 4 pre-caches, 8 deploys
+    start = threading.Barrier(len(calls))
+    instances = {c: make_instance(nova_db, imgs[c[0]]) for c in calls}
+
+    def call(c: tuple[int, int]) -> Any:
+        i, n = c
+        start.wait()  # every thread calls at the same moment
+        if n < 4:
+            return hook.cache_image(nova_db, imgs[i])
+        meta = objects.ImageMeta.from_dict({"id": imgs[i], "disk_format": "raw"})
+        return hook.create_disk_from_image(nova_db, instances[c], meta)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        results = dict(zip(calls, pool.map(call, calls), strict=True))
+
+    for i, img in enumerate(imgs):
+        assert glance_server.file_requests(img) == 1
+        fetched = [results[(i, n)] for n in range(4)]
+        deploys = [results[(i, n)] for n in range(4, 12)]
+        # True only for the call that itself downloaded (it may have been a deploy)
+        assert fetched.count(True) + [d.result for d in deploys].count("miss") == 1
+        for d in deploys:
+            assert (nova_conf / d.disk).read_bytes() == data[i]
+    assert len(_loop_threads()) == 1  # one loop serves every thread
+
+
+@pytest.mark.parametrize(
+    "setting, value", [("enabled", False), ("disk_driver", "ssp")], ids=["off", "ssp"]
+)
+def test_an_inactive_cache_reports_no_imagecache_and_does_nothing(
+    nova_conf: Path, nova_db: Any, glance_server: GlanceServer, setting: str, value: object
+) -> None:
+    CONF.set_override(setting, value, "pvmcache")
+    hook = DriverHook(CONF)
+    try:
+        assert hook.capabilities == {"has_imagecache": False}
+        img = glance_server.create_image(disk_image(MiB, seed=120))
+        inst = make_instance(nova_db, img)
+        meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
+        hook.manage_image_cache(nova_db, [inst])
+        assert hook.create_disk_from_image(nova_db, inst, meta) is None
+        with pytest.raises(NotImplementedError):  # nova reports the image 'unsupported'
+            hook.cache_image(nova_db, img)
+        assert glance_server.file_requests(img) == 0
+        assert not nova_conf.exists()  # the VG was never even opened
+        assert not hook._loop.running
+    finally:
+        hook.close()
+
+
+def test_close_stops_the_loop_thread_and_the_cache_outlives_it(
+    hook: DriverHook, nova_db: Any, glance_server: GlanceServer
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=130))
+    assert hook.cache_image(nova_db, img) is True
+    assert len(_loop_threads()) == 1
+    hook.close()
+    assert _loop_threads() == []
+    assert hook.cache_image(nova_db, img) is False  # started again lazily; the index persists
+    hook.close()
+    assert _loop_threads() == []
+
+
+class _TokenRecorder(BaseHTTPRequestHandler):
+    """A loopback proxy in front of the real Glance that records each X-Auth-Token."""
+
+    upstream: ClassVar[str] = ""
+    tokens: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        self.tokens.append(self.headers.get("X-Auth-Token"))
+        host, port = self.upstream.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("GET", self.path)
+        resp = conn.getresponse()
+        self.send_response(resp.status)
+        for name, value in resp.getheaders():
+            if name.lower() not in ("connection", "transfer-encoding"):
+                self.send_header(name, value)
+        self.end_headers()
+        while chunk := resp.read(1 << 20):
+            self.wfile.write(chunk)
+        conn.close()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recording_proxy(glance_server: GlanceServer) -> Iterator[tuple[str, list[str | None]]]:
+    tokens: list[str | None] = []
+    handler = type("Recorder", (_TokenRecorder,), {"upstream": glance_server.url, "tokens": tokens})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tokens
+    server.shutdown()
+    server.server_close()
+
+
+def test_glance_is_called_with_the_request_contexts_token(
+    nova_conf: Path,
+    nova_db: Any,
+    glance_server: GlanceServer,
+    recording_proxy: tuple[str, list[str | None]],
+) -> None:
+    url, tokens = recording_proxy
+    CONF.set_override("api_servers", [url], "glance")  # nova's own [glance] setting
+    hook = DriverHook(CONF)
+    try:
+        img = glance_server.create_image(disk_image(MiB, seed=140))
+        assert hook.cache_image(nova_db, img) is True
+    finally:
+        hook.close()
+    assert tokens == [nova_db.auth_token] * 2  # the image record, then its data
+
+
+def test_eventlet_mode_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    script = f"""
+import eventlet
+eventlet.monkey_patch()
+import nova.conf
+from nova import context
+from pvmcache_async.driver_hook import DriverHook
+from pvmcache_async.errors import CacheError
+CONF = nova.conf.CONF
+CONF([], project="nova", default_config_files=[])
+hook = DriverHook(CONF)
+CONF.set_override("volume_group", "file:{tmp_path / "vg"}", "pvmcache")
+try:
+    hook.cache_image(context.get_admin_context(), "{uuid.uuid4()}")
+except CacheError as exc:
+    print(exc)
+"""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "concurrency_backend = threading" in out.stdout
+    assert "eventlet" in out.stdout
+    assert vg_files(tmp_path) == []
+
+
+def test_no_glance_endpoint_is_one_clear_line(nova_conf: Path, nova_db: Any) -> None:
+    CONF.clear_override("api_servers", "glance")  # and the context has no service catalog
+    hook = DriverHook(CONF)
+    try:
+        with pytest.raises(GlanceError, match="no Glance endpoint") as info:
+            hook.cache_image(nova_db, str(uuid.uuid4()))
+        assert "\n" not in str(info.value)
+    finally:
+        hook.close()
+
+
+def test_a_bad_image_id_is_one_clear_line_and_touches_nothing(
+    hook: DriverHook, nova_db: Any, nova_conf: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="not a uuid") as info:
+        hook.cache_image(nova_db, "../../etc/passwd")
+    assert "\n" not in str(info.value)
+    assert vg_files(nova_conf) == []
