@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from .errors import CacheError, DiskExists, InsufficientSpace, InvalidInput
+from .errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, StorageError
 from .glance import GlanceClient
 from .index import Index
 from .locks import FileLock, SingleFlight
@@ -340,8 +340,10 @@ class ImageCache:
         try:
             fetched = await glance.download(info, partial)
             await partial.publish(entry.cache_disk)
-        except BaseException:
+        except BaseException as exc:
             await _finish(partial.discard())
+            if isinstance(exc, StorageError) and exc.image_id is None:  # e.g. ENOSPC mid-write
+                raise type(exc)(exc.message, image_id=info.id) from exc
             raise
         return fetched
 
