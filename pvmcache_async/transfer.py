@@ -10,11 +10,18 @@ Locking, per image (``locks``):
 * in a process, one ``SingleFlight`` per image: one download task, any number of waiters;
 * across processes, a lock file per image in the VG's state directory: exclusive while a
   download fills or a removal deletes the cache disk, shared while a deploy clones it.
+
+Crash recovery: the kernel drops a dead process's ``flock``, so whoever next holds an image's
+lock exclusively knows that no live process is filling it, and removes the partial download
+and the ``filling`` entry a crash left (``_recover``; ``sweep`` does it for every image). A lock
+file outlives its use only while its image is cached: it is unlinked, under the lock, when a
+download fails or the image is removed (``FileLock`` copes with a file unlinked under it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine
@@ -85,6 +92,7 @@ class ImageCache:
         self._flights: SingleFlight[str, _Fill] = SingleFlight()
         self._downloads = asyncio.Semaphore(self.settings.max_downloads)
         self._clones = asyncio.Semaphore(self.settings.max_clones)
+        self._swept = False
 
     # -- the two operations -------------------------------------------------------------
 
@@ -120,6 +128,9 @@ class ImageCache:
         instance = validate_instance_uuid(instance_uuid)
         start = time.monotonic()
         disk = instance_disk_name(instance)
+        if not self._swept:  # the first deploy clears what clones killed mid-way left
+            self._swept = True
+            await self._remove_dead_temporaries()
         if await self.vg.disk_size(disk) is not None:
             raise DiskExists(f"instance {instance} already has a disk {disk}", image_id=image_id)
         first: EnsureResult | None = None
@@ -130,8 +141,10 @@ class ImageCache:
                 entry = await self._ready(image_id)
                 if entry is None:
                     continue
-                await self.vg.clone(entry.cache_disk, disk)
-            await self._db(self._index.touch, image_id, time.time())
+                # a cancelled deploy leaves no disk: the clone (a thread) ends, then is undone
+                await _complete_or_undo(
+                    self._clone(image_id, entry.cache_disk, disk), lambda: self.vg.delete(disk)
+                )
             return DeployResult(
                 image_id=image_id,
                 instance=instance,
@@ -174,10 +187,44 @@ class ImageCache:
             # next ensure recognises, rather than an unknown i_ disk that nothing removes
             await self.vg.delete(entry.cache_disk)
             await self._db(self._index.delete, image_id)
+            _unlink_held(lock)
             log.info("removed cache disk %s of image %s", entry.cache_disk, image_id)
             return True
         finally:
             lock.release()
+
+    async def sweep(self) -> list[str]:
+        """Remove what dead processes left, and return the names of the disks removed.
+
+        Partial downloads of images whose lock is free (their process died), the index entries
+        and lock files that belonged to them, and clones that a crash interrupted. Whatever a
+        live process (this one or another) is still doing is left alone.
+        """
+        removed = await self._remove_dead_temporaries()
+        known = {e.image_id: e for e in await self.entries()}
+        for path in sorted(self._lock_dir.glob("*.lock")):
+            try:
+                image_id = validate_image_id(path.name.removesuffix(".lock"))
+            except InvalidInput:
+                continue  # not one of ours
+            entry = known.get(image_id)
+            if self._flights.in_flight(image_id) or (entry and entry.state is EntryState.READY):
+                continue
+            lock = FileLock(path)
+            if not lock.try_acquire():
+                continue  # a live process is filling, removing or cloning it
+            try:
+                partial = partial_disk_name(image_id)
+                had_partial = await self.vg.disk_size(partial) is not None
+                if await self._recover(image_id) is None:
+                    _unlink_held(lock)
+                if had_partial:
+                    removed.append(partial)
+            finally:
+                lock.release()
+        if removed:
+            log.info("removed what dead processes left: %s", " ".join(removed))
+        return removed
 
     async def prune(
         self,
@@ -193,6 +240,7 @@ class ImageCache:
         busy = {validate_image_id(i) for i in in_use}
         if min_age < 0 or (max_bytes is not None and max_bytes < 0) or (max_count or 0) < 0:
             raise InvalidInput("min_age, max_bytes and max_count must not be negative")
+        await self.sweep()
         ready = [e for e in await self.entries() if e.state is EntryState.READY]
         ready.sort(key=lambda e: e.last_used)
         now = time.time()
@@ -241,6 +289,16 @@ class ImageCache:
             self._lock_dir / f"{image_id}.lock", shared=shared, poll=self.settings.lock_poll
         )
 
+    async def _remove_dead_temporaries(self) -> list[str]:
+        removed = await self.vg.remove_dead_temporaries()
+        if removed:
+            log.info("removed clones that dead processes left: %s", " ".join(removed))
+        return removed
+
+    async def _clone(self, image_id: str, cache_disk: str, disk: str) -> None:
+        await self.vg.clone(cache_disk, disk)
+        await self._db(self._index.touch, image_id, time.time())
+
     async def _ready(self, image_id: str) -> CacheEntry | None:
         """The image's entry if it is ready and its disk is there, else None."""
         entry = await self._db(self._index.get, image_id)
@@ -263,9 +321,11 @@ class ImageCache:
             waited = not lock.try_acquire()
             if waited:
                 await lock.acquire()  # another process is filling or removing this image
+            cached = False  # else the lock file goes with the failed attempt
             try:
                 entry = await self._recover(image_id)
                 if entry is not None:
+                    cached = True
                     return _Fill(entry, Outcome.JOINED if waited else Outcome.HIT, 0)
                 info = await self.glance.get_image(image_id)
                 await self._check_space(info)
@@ -277,6 +337,7 @@ class ImageCache:
                 except BaseException:
                     await _finish(self._db(self._index.delete, image_id))
                     raise
+                cached = True
                 log.info("cached image %s as %s (%d bytes)", image_id, entry.cache_disk, fetched)
                 return _Fill(
                     replace(entry, state=EntryState.READY, created=now, last_used=now),
@@ -284,6 +345,8 @@ class ImageCache:
                     fetched,
                 )
             finally:
+                if not cached:
+                    _unlink_held(lock)
                 lock.release()
 
     async def _recover(self, image_id: str) -> CacheEntry | None:
@@ -346,6 +409,32 @@ class ImageCache:
                 raise type(exc)(exc.message, image_id=info.id) from exc
             raise
         return fetched
+
+
+def _unlink_held(lock: FileLock) -> None:
+    """Remove a lock file while holding it exclusively; waiters notice and use a new one."""
+    assert lock.held and not lock.shared
+    lock.path.unlink(missing_ok=True)
+
+
+async def _complete_or_undo(
+    work: Coroutine[Any, Any, T], undo: Callable[[], Coroutine[Any, Any, Any]]
+) -> T:
+    """Await ``work``; if the caller is cancelled meanwhile, let it end, undo it, re-raise.
+
+    For work that runs on in a thread whatever the caller does (a clone): the caller returns
+    only once it is over, and a cancelled caller leaves nothing of it behind.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            await _finish(undo())
+        raise
 
 
 async def _finish(cleanup: Coroutine[Any, Any, Any]) -> None:

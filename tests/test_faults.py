@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -121,6 +122,7 @@ async def test_a_flipped_byte_fails_every_waiter_and_the_next_deploy_starts_afre
     message = str(results[0])
     assert "sha512 checksum did not match" in message and img in message
     assert vg_files(tmp_path / "vg") == [] and await cache.entries() == []
+    assert list((tmp_path / "vg" / ".pvmcache" / "locks").iterdir()) == []  # nor a lock file
     assert len(proxy.file_gets(img)) == 1  # a digest mismatch is not retried
 
     again = await cache.deploy(img, str(uuid.uuid4()))
@@ -359,3 +361,41 @@ def test_a_disk_that_fills_mid_download_loses_the_partial_and_says_so(
     assert all(name.startswith("i_") for name in files), files  # no partial left behind
     assert all(digest in digests for digest in files.values())
     assert len(files) == 2 - len(errors)
+
+
+class _HeldCloneVG(FileVG):
+    """A file VG whose clones start only once ``go`` is set (a real clone, just held)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.cloning = asyncio.Event()
+        self.go = threading.Event()
+
+    async def clone(self, source: str, target: str) -> None:
+        self.cloning.set()
+        await asyncio.to_thread(self.go.wait, 30)
+        await super().clone(source, target)
+
+
+async def test_a_deploy_cancelled_mid_clone_leaves_no_instance_disk(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(MiB, seed=51)
+    img = glance_server.create_image(data)
+    vg = _HeldCloneVG(tmp_path / "vg")
+    cache = ImageCache(vg, _client(glance_server.url))
+    try:
+        task = asyncio.create_task(cache.deploy(img, str(uuid.uuid4())))
+        await asyncio.wait_for(vg.cloning.wait(), 30)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # it waits for the clone it cannot stop
+        vg.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [n for n in vg_files(tmp_path / "vg") if not n.startswith("i_")] == []
+        kept = await cache.deploy(img, str(uuid.uuid4()))  # the cache disk itself stays
+        assert kept.result is Outcome.HIT
+    finally:
+        vg.go.set()
+        await cache.close()
