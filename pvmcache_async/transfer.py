@@ -179,7 +179,10 @@ class ImageCache:
             return False
         try:
             entry = await self._db(self._index.get, image_id)
-            if entry is None or entry.state is not EntryState.READY:
+            if entry is None:
+                _unlink_held(lock)  # the lock file this call just created
+                return False
+            if entry.state is not EntryState.READY:
                 return False
             if time.time() - entry.last_used < idle_for:
                 return False

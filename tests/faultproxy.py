@@ -107,6 +107,10 @@ class FaultProxy:
         (``what="record"``); ``image_id=None`` matches any image."""
         self._plans[(image_id, what)].extend(faults)
 
+    def clear(self) -> None:
+        """Forget every fault not yet applied."""
+        self._plans.clear()
+
     def pending(self) -> int:
         return sum(len(q) for q in self._plans.values())
 
