@@ -304,7 +304,7 @@ class GlanceClient:
                     status=status,
                 )
             delay = self.retry.delay(failures, wait)
-            log.warning(
+            log.info(  # not a warning: the CLI's stderr is one line, and only on failure
                 "image %s: %s failed (%s); retry %d/%d in %.2f s",
                 image_id, what, cause, failures, self.retry.retries, delay,
             )  # fmt: skip

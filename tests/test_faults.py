@@ -399,3 +399,29 @@ async def test_a_deploy_cancelled_mid_clone_leaves_no_instance_disk(
     finally:
         vg.go.set()
         await cache.close()
+
+
+def test_the_cli_gives_up_after_its_retries_with_one_line_naming_the_image(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    img = str(uuid.uuid4())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    env["PVMCACHE_RETRIES"] = "1"
+    args = ["--glance-url", f"http://127.0.0.1:{port}", "--vg", f"file:{tmp_path / 'vg'}"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pvmcache_async", *args, "deploy", img, "--instance", img],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert img in line and "after 2 failed attempts" in line and "Traceback" not in line
+    assert vg_files(tmp_path / "vg") == []
