@@ -118,10 +118,11 @@ def test_a_stalled_download_of_a_live_process_survives_a_prune_and_finishes(
         runner.release_stalls()
         outs = [p.communicate(timeout=60) for p in (first, second)]
         assert [p.returncode for p in (first, second)] == [0, 0], outs
-        assert len(proxy.file_gets(img)) == 1  # the second process waited on the first
+        assert len(proxy.file_gets(img)) == 1  # one download for both processes
 
     rows = [json.loads(out) for out, _ in outs]
-    assert sorted(r["result"] for r in rows) == ["joined", "miss"]
+    # the second waited on the lock (joined), or reached it only once the first was done (hit)
+    assert rows[0]["result"] == "miss" and rows[1]["result"] in ("joined", "hit")
     for r in rows:
         assert (vg / r["disk"]).read_bytes() == data
     assert not partial.exists()

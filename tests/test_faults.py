@@ -55,7 +55,7 @@ def _client(url: str, read_timeout: float = 30.0) -> GlanceClient:
 
 @pytest.fixture
 async def cache(tmp_path: Path, proxy: FaultProxy) -> AsyncIterator[ImageCache]:
-    c = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url, read_timeout=0.5))
+    c = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url))
     yield c
     await c.close()
 
@@ -95,13 +95,16 @@ async def test_a_dropped_response_resumes_from_the_last_byte_written(
 
 
 async def test_a_stalled_response_times_out_and_resumes(
-    cache: ImageCache, proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+    proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
 ) -> None:
     data = disk_image(2 * MiB, seed=41)
     img = glance_server.create_image(data)
     proxy.plan(img, stall(after=700_000))
-
-    results = await _deploy_many(cache, img, 4)
+    cache = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url, read_timeout=1.0))
+    try:
+        results = await _deploy_many(cache, img, 4)
+    finally:
+        await cache.close()
 
     assert all(not isinstance(r, BaseException) for r in results), results
     gets = proxy.file_gets(img)

@@ -40,7 +40,7 @@ from .faultproxy import Fault, FaultProxy, answer, cut, flip, stall
 from .support import disk_image, vg_files
 
 KiB = 1 << 10
-RETRY = RetryPolicy(retries=2, backoff=0.001, max_backoff=0.005)
+RETRY = RetryPolicy(retries=3, backoff=0.001, max_backoff=0.005)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="pvmcache-stateful-"))
         self.vg = self.dir / "vg"
         self.proxy = self._run(FaultProxy(self.glance_url).start())
-        client = GlanceClient(self.proxy.url, chunk_size=16 * KiB, read_timeout=0.3, retry=RETRY)
+        client = GlanceClient(self.proxy.url, chunk_size=16 * KiB, read_timeout=0.4, retry=RETRY)
         self.cache = self._run(self._open(client))
         self.cached: set[str] = set()  # the model: images in the cache
         self.disks: dict[str, str] = {}  # the model: instance disk -> image
