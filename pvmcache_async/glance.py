@@ -211,7 +211,10 @@ class GlanceClient:
                 ) from None
 
     async def download(self, image: ImageInfo, sink: Sink) -> int:
-        """Stream the image's data into ``sink``; return the bytes read from Glance.
+        """Stream the image's data into ``sink``; return the bytes it received from Glance.
+
+        That is the image's size, plus whatever a restart from byte 0 fetched again (a resume
+        re-reads less than one chunk, which is not counted).
 
         A dropped or stalled transfer resumes where the sink ends (``Range``), or starts over
         when the server ignores or refuses ranges; transient failures are retried (see
