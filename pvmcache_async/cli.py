@@ -22,13 +22,14 @@ from typing import Any
 
 from . import aio
 from .errors import CacheError, InvalidInput
-from .glance import DEFAULT_READ_TIMEOUT, GlanceClient
+from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
 from .models import CacheEntry
 from .storage import default_vg_spec, open_vg
 from .transfer import CacheSettings, ImageCache
 
 PROG = "pvmcache-async"
 _DEFAULTS = CacheSettings()
+_RETRY = RetryPolicy()
 
 
 def _env_float(name: str, default: float) -> float:
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=_env_float("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
         help="seconds a read from Glance may stall [PVMCACHE_READ_TIMEOUT] (default %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=int(_env_float("PVMCACHE_RETRIES", _RETRY.retries)),
+        help="failed requests to Glance retried in a row, with backoff, before giving up "
+        "[PVMCACHE_RETRIES] (default %(default)s)",
     )
     p.add_argument(
         "--ca-file",
@@ -174,6 +182,7 @@ def _open_cache(args: argparse.Namespace) -> ImageCache:
             ca_file=args.ca_file,
             verify_tls=not args.insecure,
             read_timeout=args.read_timeout,
+            retry=RetryPolicy(retries=args.retries),
         )
     settings = CacheSettings(max_downloads=args.max_downloads, max_clones=args.max_clones)
     return ImageCache(open_vg(args.vg), glance, settings)

@@ -5,6 +5,12 @@ image can be cached (active, raw, with data and a digest); ``download`` streams
 ``GET /v2/images/{id}/file`` into a sink in bounded memory and verifies the length and the
 digest (``os_hash_value``, else the legacy md5 ``checksum``) as the bytes pass.
 
+Faults: a transfer that drops or stalls resumes from the last byte written with
+``Range: bytes=N-`` (206 with a matching ``Content-Range``); a server that ignores the range
+(200) or refuses it (400, 416) makes it start over from byte 0 with a fresh digest. Connect
+errors, resets, truncated bodies, read timeouts, 5xx and 429 are retried with exponential
+backoff and jitter, a bounded number of times in a row (``RetryPolicy``); other 4xx are final.
+
 The token is sent as ``X-Auth-Token`` and appears in no message, log or repr. TLS is verified
 by default. There is no total timeout (a multi-GB image may take long); a read that stalls
 longer than ``read_timeout`` fails.
@@ -15,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import re
 import ssl
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import yarl
@@ -26,6 +35,7 @@ from .errors import GlanceError, ImageNotFound, ImageUnavailable, IntegrityError
 from .models import ImageInfo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_READ_TIMEOUT = 120.0
@@ -33,6 +43,47 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt record, not an image
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGEST_HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How transient failures are retried.
+
+    ``retries`` bounds the failed attempts in a row; an attempt that received data starts the
+    count afresh, so a long download survives many separate drops. The n-th wait is drawn
+    from [d/2, d] with d = ``backoff`` * 2**(n-1), capped at ``max_backoff`` (a server's
+    ``Retry-After`` lengthens it up to that cap).
+    """
+
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.max_backoff < self.backoff:
+            raise InvalidInput(
+                "retries and backoff must not be negative, max_backoff not below backoff"
+            )
+
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        ceiling = min(self.max_backoff, self.backoff * 2 ** min(failures - 1, 30))
+        wait = random.uniform(ceiling / 2, ceiling)  # jitter: a storm's retries spread out
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.max_backoff))
+        return wait
+
+
+class _StartOver(Exception):
+    """The server will not resume: ask again from byte 0 (the sink was rewound)."""
+
+
+class _TransientStatus(GlanceError):
+    """A 5xx or 429 answer: worth another try."""
+
+    def __init__(self, message: str, *, image_id: str, status: int, retry_after: float | None):
+        self.retry_after = retry_after
+        super().__init__(message, image_id=image_id, status=status)
 
 
 class Sink(Protocol):
@@ -48,6 +99,10 @@ def parse_image(image_id: str, record: object) -> ImageInfo:
     if not isinstance(record, dict):
         raise GlanceError(
             "Glance sent an image record that is not a JSON object", image_id=image_id
+        )
+    if record.get("id", image_id) != image_id:
+        raise GlanceError(
+            f"Glance sent the record of another image ({record.get('id')!r})", image_id=image_id
         )
     status = record.get("status")
     if status != "active":
@@ -101,6 +156,7 @@ class GlanceClient:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        retry: RetryPolicy | None = None,
     ) -> None:
         base = yarl.URL(url.rstrip("/"))
         if base.scheme not in ("http", "https") or not base.host:
@@ -116,6 +172,7 @@ class GlanceClient:
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self.chunk_size = chunk_size
+        self.retry = retry or RetryPolicy()
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never the token
@@ -140,56 +197,121 @@ class GlanceClient:
 
     async def get_image(self, image_id: str) -> ImageInfo:
         """The image's record, validated for caching (see ``parse_image``)."""
-        try:
-            async with self._http().get(self._image_url(image_id), headers=self._headers()) as resp:
-                _check_status(image_id, resp.status, "image record")
-                try:
-                    record = await resp.json(content_type=None)
-                except ValueError:
-                    raise GlanceError(
-                        "Glance sent an image record that is not JSON", image_id=image_id
-                    ) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._transport_error(image_id, exc) from exc
+        record = await self._retrying(image_id, "image record", lambda: self._get_record(image_id))
         return parse_image(image_id, record)
 
-    async def download(self, image: ImageInfo, sink: Sink) -> int:
-        """Stream the image's data into ``sink``; return the bytes read.
+    async def _get_record(self, image_id: str) -> object:
+        async with self._http().get(self._image_url(image_id), headers=self._headers()) as resp:
+            _check_status(image_id, resp.status, "image record", resp.headers)
+            try:
+                return await resp.json(content_type=None)
+            except ValueError:
+                raise GlanceError(
+                    "Glance sent an image record that is not JSON", image_id=image_id
+                ) from None
 
-        Raises IntegrityError when the length or the digest does not match the record; the
-        sink then holds unverified data, which the caller must discard.
+    async def download(self, image: ImageInfo, sink: Sink) -> int:
+        """Stream the image's data into ``sink``; return the bytes it received from Glance.
+
+        That is the image's size, plus whatever a restart from byte 0 fetched again (a resume
+        re-reads less than one chunk, which is not counted).
+
+        A dropped or stalled transfer resumes where the sink ends (``Range``), or starts over
+        when the server ignores or refuses ranges; transient failures are retried (see
+        ``RetryPolicy``). The digest covers the whole image across resumes. Raises
+        IntegrityError when the length or the digest does not match the record; the sink then
+        holds unverified data, which the caller must discard.
         """
-        hasher = hashlib.new(image.digest_algo)
-        received = 0
-        try:
-            async with self._http().get(
-                self._image_url(image.id, "file"), headers=self._headers()
-            ) as resp:
-                _check_status(image.id, resp.status, "image data")
-                async for chunk in resp.content.iter_chunked(self.chunk_size):
-                    received += len(chunk)
-                    if received > image.size:
-                        raise IntegrityError(
-                            f"Glance sent more than the image's size of {image.size} bytes",
-                            image_id=image.id,
-                        )
-                    # hashlib releases the GIL on large buffers: hash beside the write
-                    await asyncio.gather(asyncio.to_thread(hasher.update, chunk), sink.write(chunk))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._transport_error(image.id, exc) from exc
-        if received != image.size:
+        progress = _Progress(image, hashlib.new(image.digest_algo))
+        await self._retrying(
+            image.id, "image data", lambda: self._fetch(progress, sink), lambda: progress.fetched
+        )
+        if progress.written != image.size:
             raise IntegrityError(
-                f"Glance sent {received} bytes but the image's size is {image.size}",
+                f"Glance sent {progress.written} bytes but the image's size is {image.size}",
                 image_id=image.id,
             )
-        actual = hasher.hexdigest()
+        actual = progress.hasher.hexdigest()
         if actual != image.digest:
             raise IntegrityError(
                 f"{image.digest_algo} checksum did not match: Glance's record says {image.digest}, "
                 f"the data received hashes to {actual}",
                 image_id=image.id,
             )
-        return received
+        return progress.fetched
+
+    async def _fetch(self, progress: _Progress, sink: Sink) -> None:
+        """One GET of the image's data, from where the sink ends, streamed into the sink."""
+        image = progress.image
+        if progress.written == image.size:
+            return  # all there before the connection dropped: the digest decides
+        async with self._http().get(
+            self._image_url(image.id, "file"), headers=self._headers() | progress.range_header()
+        ) as resp:
+            if not await progress.accept(resp.status, resp.headers, sink):
+                raise _StartOver()
+            _check_status(image.id, resp.status, "image data", resp.headers)
+            await self._stream(resp, progress, sink)
+
+    async def _stream(self, resp: aiohttp.ClientResponse, progress: _Progress, sink: Sink) -> None:
+        """The chunk loop: hash and write each chunk as it arrives."""
+        image = progress.image
+        async for chunk in resp.content.iter_chunked(self.chunk_size):
+            if progress.written + len(chunk) > image.size:
+                raise IntegrityError(
+                    f"Glance sent more than the image's size of {image.size} bytes",
+                    image_id=image.id,
+                )
+            # hashlib releases the GIL on large buffers: hash beside the write
+            await asyncio.gather(
+                asyncio.to_thread(progress.hasher.update, chunk), sink.write(chunk)
+            )
+            # counted only once both are done: a drop mid-read loses less than one chunk
+            progress.written += len(chunk)
+            progress.fetched += len(chunk)
+
+    async def _retrying(
+        self,
+        image_id: str,
+        what: str,
+        attempt: Callable[[], Awaitable[T]],
+        received: Callable[[], int] = lambda: 0,
+    ) -> T:
+        """Run ``attempt`` until it succeeds, retrying transient failures with backoff.
+
+        Transport errors (refused or reset connections, truncated bodies, read timeouts),
+        5xx and 429 are retried up to ``retry.retries`` times in a row; any other error is
+        final. ``_StartOver`` (the server will not resume) retries at once.
+        """
+        failures = 0
+        while True:
+            mark = received()
+            try:
+                return await attempt()
+            except _StartOver:
+                continue
+            except _TransientStatus as exc:
+                cause, status, wait = exc.message, exc.status, exc.retry_after
+            except aiohttp.ClientSSLError as exc:  # a certificate does not heal by waiting
+                raise self._transport_error(image_id, exc) from exc
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                cause, status, wait = self._transport_error(image_id, exc).message, None, None
+            except aiohttp.ClientError as exc:
+                raise self._transport_error(image_id, exc) from exc
+            failures = 1 if received() != mark else failures + 1  # progress restarts the count
+            if failures > self.retry.retries:
+                raise GlanceError(
+                    f"giving up on the {what} after {failures} failed attempts in a row; "
+                    f"last: {cause}",
+                    image_id=image_id,
+                    status=status,
+                )
+            delay = self.retry.delay(failures, wait)
+            log.info(  # not a warning: the CLI's stderr is one line, and only on failure
+                "image %s: %s failed (%s); retry %d/%d in %.2f s",
+                image_id, what, cause, failures, self.retry.retries, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
 
     def _transport_error(self, image_id: str, exc: BaseException) -> GlanceError:
         cause = str(exc) or type(exc).__name__
@@ -203,7 +325,69 @@ class GlanceClient:
             await session.close()
 
 
-def _check_status(image_id: str, status: int, what: str) -> None:
+class _Progress:
+    """What one download has put into its sink, across resumes and restarts."""
+
+    def __init__(self, image: ImageInfo, hasher: Any) -> None:
+        self.image = image
+        self.hasher = hasher  # covers exactly the bytes the sink holds
+        self.written = 0  # bytes in the sink
+        self.fetched = 0  # bytes read from Glance in all, re-downloads included
+        self.ranges = True  # False once the server mishandled a range: always from 0
+        self._ranged = False
+
+    def range_header(self) -> dict[str, str]:
+        self._ranged = self.written > 0 and self.ranges
+        return {"Range": f"bytes={self.written}-"} if self._ranged else {}
+
+    async def accept(self, status: int, headers: Mapping[str, str], sink: Sink) -> bool:
+        """Check the answer to a GET against the range asked for; False: ask again from 0.
+
+        Rewinds the sink and the digest whenever the body will not continue where the
+        sink ends.
+        """
+        if not self._ranged:
+            if status == 206:  # a part we did not ask for would corrupt the image silently
+                raise GlanceError(
+                    "Glance answered 206 to a request without Range", image_id=self.image.id
+                )
+            return True
+        if status == 206 and _content_range(headers) == (self.written, self.image.size):
+            return True
+        if status not in (200, 206, 400, 416):
+            return True  # a failure to resume: retried as it stands, from the same byte
+        log.info(
+            "image %s: Glance answered %d to Range bytes=%d-; starting over from byte 0",
+            self.image.id, status, self.written,
+        )  # fmt: skip
+        await sink.rewind()
+        self.hasher = hashlib.new(self.image.digest_algo)
+        self.written = 0
+        if status == 200:
+            return True  # the body is the whole image
+        self.ranges = False  # refused, or a range other than the one asked for
+        return False
+
+
+def _content_range(headers: Mapping[str, str]) -> tuple[int, int] | None:
+    """(first byte, total size) from ``Content-Range: bytes first-last/total``."""
+    match = _CONTENT_RANGE.fullmatch(headers.get("Content-Range", "").strip())
+    if not match or match[3] == "*" or int(match[2]) != int(match[3]) - 1:
+        return None
+    return int(match[1]), int(match[3])
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    try:
+        value = float(headers.get("Retry-After", ""))
+    except ValueError:
+        return None  # absent, or an HTTP date: our own backoff applies
+    return value if value >= 0 else None
+
+
+def _check_status(
+    image_id: str, status: int, what: str, headers: Mapping[str, str] | None = None
+) -> None:
     if status in (200, 206):
         return
     if status == 204:
@@ -223,6 +407,13 @@ def _check_status(image_id: str, status: int, what: str) -> None:
             f"Glance refused the {what} (HTTP 401: missing or invalid token)",
             image_id=image_id,
             status=status,
+        )
+    if status >= 500 or status == 429:
+        raise _TransientStatus(
+            f"Glance answered HTTP {status} to the {what} request",
+            image_id=image_id,
+            status=status,
+            retry_after=_retry_after(headers or {}),
         )
     raise GlanceError(
         f"Glance answered HTTP {status} to the {what} request", image_id=image_id, status=status

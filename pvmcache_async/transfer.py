@@ -10,18 +10,25 @@ Locking, per image (``locks``):
 * in a process, one ``SingleFlight`` per image: one download task, any number of waiters;
 * across processes, a lock file per image in the VG's state directory: exclusive while a
   download fills or a removal deletes the cache disk, shared while a deploy clones it.
+
+Crash recovery: the kernel drops a dead process's ``flock``, so whoever next holds an image's
+lock exclusively knows that no live process is filling it, and removes the partial download
+and the ``filling`` entry a crash left (``_recover``; ``sweep`` does it for every image). A lock
+file outlives its use only while its image is cached: it is unlinked, under the lock, when a
+download fails or the image is removed (``FileLock`` copes with a file unlinked under it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from .errors import CacheError, DiskExists, InsufficientSpace, InvalidInput
+from .errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, StorageError
 from .glance import GlanceClient
 from .index import Index
 from .locks import FileLock, SingleFlight
@@ -85,6 +92,7 @@ class ImageCache:
         self._flights: SingleFlight[str, _Fill] = SingleFlight()
         self._downloads = asyncio.Semaphore(self.settings.max_downloads)
         self._clones = asyncio.Semaphore(self.settings.max_clones)
+        self._swept = False
 
     # -- the two operations -------------------------------------------------------------
 
@@ -120,6 +128,9 @@ class ImageCache:
         instance = validate_instance_uuid(instance_uuid)
         start = time.monotonic()
         disk = instance_disk_name(instance)
+        if not self._swept:  # the first deploy clears what clones killed mid-way left
+            self._swept = True
+            await self._remove_dead_temporaries()
         if await self.vg.disk_size(disk) is not None:
             raise DiskExists(f"instance {instance} already has a disk {disk}", image_id=image_id)
         first: EnsureResult | None = None
@@ -130,8 +141,10 @@ class ImageCache:
                 entry = await self._ready(image_id)
                 if entry is None:
                     continue
-                await self.vg.clone(entry.cache_disk, disk)
-            await self._db(self._index.touch, image_id, time.time())
+                # a cancelled deploy leaves no disk: the clone (a thread) ends, then is undone
+                await _complete_or_undo(
+                    self._clone(image_id, entry.cache_disk, disk), lambda: self.vg.delete(disk)
+                )
             return DeployResult(
                 image_id=image_id,
                 instance=instance,
@@ -174,7 +187,10 @@ class ImageCache:
             if self._flights.in_flight(image_id):
                 return False
             entry = await self._db(self._index.get, image_id)
-            if entry is None or entry.state is not EntryState.READY:
+            if entry is None:
+                _unlink_held(lock)  # the lock file this call just created
+                return False
+            if entry.state is not EntryState.READY:
                 return False
             if time.time() - entry.last_used < idle_for:
                 return False
@@ -184,6 +200,7 @@ class ImageCache:
             # next ensure recognises, rather than an unknown i_ disk that nothing removes
             await self.vg.delete(entry.cache_disk)
             await self._db(self._index.delete, image_id)
+            _unlink_held(lock)
             log.info("removed cache disk %s of image %s", entry.cache_disk, image_id)
             return True
         finally:
@@ -195,6 +212,41 @@ class ImageCache:
         when = time.time() if when is None else when
         for image_id in {validate_image_id(i) for i in image_ids}:
             await self._db(self._index.touch, image_id, when)
+
+    async def sweep(self) -> list[str]:
+        """Remove what dead processes left, and return the names of the disks removed.
+
+        Partial downloads of images whose lock is free (their process died), the index entries
+        and lock files that belonged to them, and clones that a crash interrupted. Whatever a
+        live process (this one or another) is still doing is left alone.
+        """
+        removed = await self._remove_dead_temporaries()
+        known = {e.image_id: e for e in await self.entries()}
+        candidates = {i for i, e in known.items() if e.state is EntryState.FILLING}
+        for path in self._lock_dir.glob("*.lock"):
+            try:
+                candidates.add(validate_image_id(path.name.removesuffix(".lock")))
+            except InvalidInput:
+                continue  # not one of ours
+        for image_id in sorted(candidates):
+            entry = known.get(image_id)
+            if self._flights.in_flight(image_id) or (entry and entry.state is EntryState.READY):
+                continue
+            lock = self._image_lock(image_id)
+            if not lock.try_acquire():
+                continue  # a live process is filling, removing or cloning it
+            try:
+                partial = partial_disk_name(image_id)
+                had_partial = await self.vg.disk_size(partial) is not None
+                if await self._recover(image_id) is None:
+                    _unlink_held(lock)
+                if had_partial:
+                    removed.append(partial)
+            finally:
+                lock.release()
+        if removed:
+            log.info("removed what dead processes left: %s", " ".join(removed))
+        return removed
 
     async def prune(
         self,
@@ -218,11 +270,8 @@ class ImageCache:
             raise InvalidInput("min_age, max_bytes and max_count must not be negative")
         as_of = time.time() if in_use_as_of is None else in_use_as_of
         await self.mark_used(busy, as_of)
-        entries = await self.entries()
-        for entry in entries:
-            if entry.state is EntryState.FILLING:
-                await self._clear_leftover(entry.image_id)
-        ready = [e for e in entries if e.state is EntryState.READY]
+        await self.sweep()  # what crashed processes left, before judging sizes and counts
+        ready = [e for e in await self.entries() if e.state is EntryState.READY]
         ready.sort(key=lambda e: e.last_used)
         now = time.time()
         removed: list[str] = []
@@ -251,20 +300,6 @@ class ImageCache:
                 removed.append(entry.cache_disk)
         return PruneResult(removed=removed, kept=[e.cache_disk for e in kept])
 
-    async def _clear_leftover(self, image_id: str) -> None:
-        """A ``filling`` entry whose lock is free is what a crashed download left: clear its
-        partial disk (which may be as large as the image) now, not at the next ensure."""
-        if self._flights.in_flight(image_id):
-            return
-        lock = self._image_lock(image_id)
-        if not lock.try_acquire():
-            return  # a live download, in this process or another
-        try:
-            if not self._flights.in_flight(image_id):
-                await self._recover(image_id)
-        finally:
-            lock.release()
-
     async def close(self) -> None:
         """Cancel downloads in flight (their partial disks are discarded) and release all."""
         await self._flights.cancel_all()
@@ -283,6 +318,16 @@ class ImageCache:
         return FileLock(
             self._lock_dir / f"{image_id}.lock", shared=shared, poll=self.settings.lock_poll
         )
+
+    async def _remove_dead_temporaries(self) -> list[str]:
+        removed = await self.vg.remove_dead_temporaries()
+        if removed:
+            log.info("removed clones that dead processes left: %s", " ".join(removed))
+        return removed
+
+    async def _clone(self, image_id: str, cache_disk: str, disk: str) -> None:
+        await self.vg.clone(cache_disk, disk)
+        await self._db(self._index.touch, image_id, time.time())
 
     async def _ready(self, image_id: str) -> CacheEntry | None:
         """The image's entry if it is ready and its disk is there, else None."""
@@ -306,28 +351,48 @@ class ImageCache:
             waited = not lock.try_acquire()
             if waited:
                 await lock.acquire()  # another process is filling or removing this image
+            cached = False  # else the lock file goes with the failed attempt
             try:
                 entry = await self._recover(image_id)
                 if entry is not None:
+                    cached = True
                     return _Fill(entry, Outcome.JOINED if waited else Outcome.HIT, 0)
                 info = await self.glance.get_image(image_id)
                 await self._check_space(info)
                 entry = await self._reserve(info)
                 try:
                     fetched = await self._download(self.glance, info, entry)
-                    now = time.time()
-                    await self._db(self._index.mark_ready, image_id, now)
                 except BaseException:
                     await _finish(self._db(self._index.delete, image_id))
                     raise
+                now = time.time()
+                try:
+                    await self._db(self._index.mark_ready, image_id, now)
+                except BaseException:
+                    # unrecorded, the published disk would be nobody's (the index is what makes
+                    # a disk the cache's own), so it goes too
+                    await _finish(self._unpublish(entry))
+                    raise
+                cached = True
                 log.info("cached image %s as %s (%d bytes)", image_id, entry.cache_disk, fetched)
                 return _Fill(
                     replace(entry, state=EntryState.READY, created=now, last_used=now),
                     Outcome.MISS,
                     fetched,
                 )
+            except StorageError as exc:
+                if exc.image_id is None:  # e.g. ENOSPC mid-write, or the index's disk is full
+                    raise type(exc)(exc.message, image_id=image_id) from exc
+                raise
             finally:
+                if not cached:
+                    _unlink_held(lock)
                 lock.release()
+
+    async def _unpublish(self, entry: CacheEntry) -> None:
+        await self.vg.delete(entry.cache_disk)
+        with contextlib.suppress(StorageError):  # left behind, the next _recover clears it
+            await self._db(self._index.delete, entry.image_id)
 
     async def _recover(self, image_id: str) -> CacheEntry | None:
         """Under the image's exclusive lock: clear what a dead process left, return a ready entry.
@@ -387,6 +452,32 @@ class ImageCache:
             await _finish(partial.discard())
             raise
         return fetched
+
+
+def _unlink_held(lock: FileLock) -> None:
+    """Remove a lock file while holding it exclusively; waiters notice and use a new one."""
+    assert lock.held and not lock.shared
+    lock.path.unlink(missing_ok=True)
+
+
+async def _complete_or_undo(
+    work: Coroutine[Any, Any, T], undo: Callable[[], Coroutine[Any, Any, Any]]
+) -> T:
+    """Await ``work``; if the caller is cancelled meanwhile, let it end, undo it, re-raise.
+
+    For work that runs on in a thread whatever the caller does (a clone): the caller returns
+    only once it is over, and a cancelled caller leaves nothing of it behind.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            await _finish(undo())
+        raise
 
 
 async def _finish(cleanup: Coroutine[Any, Any, Any]) -> None:

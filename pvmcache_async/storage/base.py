@@ -90,5 +90,13 @@ class VolumeGroup(abc.ABC):
     async def capacity(self) -> Capacity:
         raise NotImplementedError
 
+    async def remove_dead_temporaries(self) -> list[str]:
+        """Remove temporary disks (e.g. half-made clones) whose process died; return their names.
+
+        Must never touch a temporary disk that a live process, this one included, still
+        uses. The default has none to remove.
+        """
+        return []
+
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release what the backend holds (sessions, threads)."""

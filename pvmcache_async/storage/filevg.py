@@ -4,6 +4,11 @@ The embedded default backend, which runs anywhere. Files whose names start with 
 not disks (``.pvmcache/`` holds the index and the lock files). A partial disk is a file under
 its temporary name; publishing hard-links it to the final name (``link`` fails rather than
 replace an existing file, so nothing is ever overwritten) and then unlinks the temporary name.
+
+A clone is copied into a temporary ``t_`` file whose owner holds an exclusive ``flock`` on
+``.pvmcache/clones/<name>.lock`` from before the file exists until after it is gone. The kernel
+drops the lock when the owner dies, so ``remove_dead_temporaries`` can tell a clone that a
+SIGKILL interrupted (lock free, or no lock file) from one still running (lock held).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -103,8 +109,9 @@ class FileVG(VolumeGroup):
         self.root = root
         self.spec = f"file:{root}"
         self.state_dir = root / ".pvmcache"
+        self._clone_locks = self.state_dir / "clones"
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._clone_locks.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"file VG {root}: cannot create it ({exc.strerror})") from exc
 
@@ -150,23 +157,81 @@ class FileVG(VolumeGroup):
         except OSError as exc:
             raise _storage_error(f"cloning {source} to {target}", exc) from exc
 
-    @staticmethod
-    def _clone_sync(src: Path, tmp: Path, dst: Path, target: str) -> None:
+    def _own_temp(self, tmp: Path) -> tuple[int, Path]:
+        """Lock the owner file of temporary disk ``tmp`` (before ``tmp`` exists)."""
+        lock = self._clone_locks / f"{tmp.name}.lock"
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # a sweep may have taken it for an orphan and unlinked it before our flock
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    return fd, lock
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def _clone_sync(self, src: Path, tmp: Path, dst: Path, target: str) -> None:
         if dst.exists():  # fail before copying rather than after
             raise DiskExists(f"disk {target} already exists in the volume group")
-        sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        owner, lock = self._own_temp(tmp)
         try:
-            dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                while os.copy_file_range(sfd, dfd, _COPY_CHUNK):
-                    pass
-                os.fsync(dfd)
+                dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    while os.copy_file_range(sfd, dfd, _COPY_CHUNK):
+                        pass
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+                _link_new(tmp, dst, target)
             finally:
-                os.close(dfd)
-            _link_new(tmp, dst, target)
-        finally:
-            os.close(sfd)
-            tmp.unlink(missing_ok=True)
+                os.close(sfd)
+                tmp.unlink(missing_ok=True)
+        finally:  # the temporary disk is gone before its owner file: never a live one unowned
+            lock.unlink(missing_ok=True)
+            os.close(owner)
+
+    async def remove_dead_temporaries(self) -> list[str]:
+        return await asyncio.to_thread(self._remove_dead_temporaries)
+
+    def _remove_dead_temporaries(self) -> list[str]:
+        removed = []
+        with os.scandir(self.root) as entries:
+            temps = [e.name for e in entries if e.name.startswith(CLONE_PREFIX)]
+        for name in temps:
+            lock = self._clone_locks / f"{name}.lock"
+            try:
+                fd: int | None = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = None  # its owner finished meanwhile, or died before this scheme existed
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live clone
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / name).unlink()
+                    removed.append(name)
+                lock.unlink(missing_ok=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        # owner files whose temporary disk is gone and whose owner is dead
+        for lock in self._clone_locks.glob(f"{CLONE_PREFIX}*.lock"):
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+        return removed
 
     async def delete(self, name: str) -> None:
         try:

@@ -1,0 +1,193 @@
+"""SIGKILL mid-download and mid-clone: nothing partial under a real name, and the next process
+that touches the image cleans up, without ever removing what a live process is still doing.
+
+The kills are deterministic: a download is held mid-way by the fault proxy's stall (the
+process is killed once the proxy has sent part of the body and the partial disk exists), and a
+clone is held by a helper process that owns a clone temporary exactly as ``FileVG.clone`` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from pvmcache_async.devglance import GlanceServer
+from pvmcache_async.names import partial_disk_name
+
+from .faultproxy import ThreadedFaultProxy, stall
+from .support import disk_image, vg_files
+
+MiB = 1 << 20
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+
+
+def _args(url: str | None, vg: Path, *args: str) -> list[str]:
+    glance = ["--glance-url", url] if url else []
+    return [sys.executable, "-m", "pvmcache_async", *glance, "--vg", f"file:{vg}", *args]
+
+
+def _run(url: str | None, vg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _args(url, vg, *args), capture_output=True, text=True, env=_env(), timeout=120, check=False
+    )
+
+
+def _start(url: str, vg: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        _args(url, vg, "--read-timeout", "120", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _ls(vg: Path) -> list[dict[str, object]]:
+    out = _run(None, vg, "ls", "--json")
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
+
+
+def test_a_deploy_killed_mid_download_is_cleaned_up_by_the_next_deploy(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(4 * MiB, seed=60)
+    img = glance_server.create_image(data)
+    vg = tmp_path / "vg"
+    partial = vg / partial_disk_name(img)
+    with ThreadedFaultProxy(glance_server.url) as proxy:
+        proxy.plan(img, stall(after=3 * MiB // 2))
+        victim = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()))
+        _wait_for("the stall", lambda: proxy.stalled.is_set() and partial.exists())
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=30)
+
+    assert vg_files(vg) == [partial.name]  # nothing under an i_ or instance disk name
+    assert [row["state"] for row in _ls(vg)] == ["filling"]
+
+    inst = str(uuid.uuid4())
+    again = _run(glance_server.url, vg, "deploy", img, "--instance", inst, "--json")
+
+    assert again.returncode == 0, again.stderr
+    row = json.loads(again.stdout)
+    assert row["result"] == "miss" and row["bytes_fetched"] == len(data)
+    assert sorted(vg_files(vg)) == sorted([row["cache_disk"], row["disk"]])  # partial gone
+    assert hashlib.sha256((vg / row["disk"]).read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert [r["state"] for r in _ls(vg)] == ["ready"]
+
+
+def test_a_stalled_download_of_a_live_process_survives_a_prune_and_finishes(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(4 * MiB, seed=61)
+    img = glance_server.create_image(data)
+    vg = tmp_path / "vg"
+    partial = vg / partial_disk_name(img)
+    runner = ThreadedFaultProxy(glance_server.url)
+    with runner as proxy:
+        proxy.plan(img, stall(after=MiB))
+        first = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
+        _wait_for("the stall", lambda: proxy.stalled.is_set() and partial.exists())
+        second = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
+
+        pruned = _run(None, vg, "prune", "--min-age", "0", "--json")
+
+        assert pruned.returncode == 0, pruned.stderr
+        assert json.loads(pruned.stdout) == {"removed": [], "kept": []}
+        assert partial.exists() and first.poll() is None  # the live download was left alone
+        runner.release_stalls()
+        outs = [p.communicate(timeout=60) for p in (first, second)]
+        assert [p.returncode for p in (first, second)] == [0, 0], outs
+        assert len(proxy.file_gets(img)) == 1  # one download for both processes
+
+    rows = [json.loads(out) for out, _ in outs]
+    # the second waited on the lock (joined), or reached it only once the first was done (hit)
+    assert rows[0]["result"] == "miss" and rows[1]["result"] in ("joined", "hit")
+    for r in rows:
+        assert (vg / r["disk"]).read_bytes() == data
+    assert not partial.exists()
+
+
+_CLONE_HELPER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from pvmcache_async.storage.filevg import FileVG
+
+    vg = FileVG(Path(sys.argv[1]))
+    tmp = vg.path_of("t_0123456789abc")
+    vg._own_temp(tmp)  # what FileVG.clone does before it copies
+    with open(tmp, "wb") as f:
+        f.write(b"half a clone" * 1000)
+    print("cloning", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _clone_in_progress(vg: Path) -> subprocess.Popen[str]:
+    helper = subprocess.Popen(
+        [sys.executable, "-c", _CLONE_HELPER, str(vg)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert helper.stdout is not None
+    assert helper.stdout.readline().strip() == "cloning"
+    return helper
+
+
+def test_a_clone_killed_mid_copy_is_removed_by_the_next_deploy(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(MiB, seed=62)
+    img = glance_server.create_image(data)
+    vg = tmp_path / "vg"
+    helper = _clone_in_progress(vg)
+    helper.send_signal(signal.SIGKILL)
+    helper.wait(timeout=30)
+    assert vg_files(vg) == ["t_0123456789abc"]  # never under the instance disk's name
+
+    inst = str(uuid.uuid4())
+    out = _run(glance_server.url, vg, "deploy", img, "--instance", inst, "--json")
+
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert sorted(vg_files(vg)) == sorted([row["cache_disk"], row["disk"]])
+    assert (vg / row["disk"]).read_bytes() == data
+    assert list((vg / ".pvmcache" / "clones").iterdir()) == []
+
+
+def test_a_clone_still_running_in_another_process_is_left_alone(tmp_path: Path) -> None:
+    vg = tmp_path / "vg"
+    helper = _clone_in_progress(vg)
+    try:
+        out = _run(None, vg, "prune", "--min-age", "0")
+        assert out.returncode == 0, out.stderr
+        assert vg_files(vg) == ["t_0123456789abc"]
+    finally:
+        helper.send_signal(signal.SIGKILL)
+        helper.wait(timeout=30)
+    out = _run(None, vg, "prune", "--min-age", "0")  # now its owner is dead
+    assert out.returncode == 0, out.stderr
+    assert vg_files(vg) == []

@@ -1,0 +1,444 @@
+"""Faults between the cache and the real Glance: each ends in correct disks or a stated error.
+
+The fault proxy (``tests/faultproxy.py``) sits between the client and the session's Glance and
+breaks exactly the requests a test plans. After every fault the VG holds nothing partial
+under a real name: only verified ``i_`` disks and complete instance disks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pvmcache_async import (
+    GlanceClient,
+    GlanceError,
+    ImageCache,
+    ImageNotFound,
+    ImageUnavailable,
+    IntegrityError,
+    Outcome,
+)
+from pvmcache_async.devglance import GlanceServer
+from pvmcache_async.glance import RetryPolicy, parse_image
+from pvmcache_async.models import ImageInfo
+from pvmcache_async.storage.filevg import FileVG
+
+from .faultproxy import FaultProxy, ThreadedFaultProxy, answer, cut, flip, ignore_range, stall
+from .support import disk_image, vg_files
+
+MiB = 1 << 20
+CHUNK = 64 << 10
+FAST = RetryPolicy(retries=3, backoff=0.01, max_backoff=0.05)
+
+
+@pytest.fixture
+async def proxy(glance_server: GlanceServer) -> AsyncIterator[FaultProxy]:
+    p = await FaultProxy(glance_server.url).start()
+    yield p
+    await p.close()
+
+
+def _client(url: str, read_timeout: float = 30.0) -> GlanceClient:
+    return GlanceClient(url, chunk_size=CHUNK, read_timeout=read_timeout, retry=FAST)
+
+
+@pytest.fixture
+async def cache(tmp_path: Path, proxy: FaultProxy) -> AsyncIterator[ImageCache]:
+    c = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url))
+    yield c
+    await c.close()
+
+
+def _assert_vg_clean(root: Path, data: dict[str, bytes], disks: dict[str, str]) -> None:
+    """Only verified cache disks and complete instance disks; ``disks``: disk -> image."""
+    for name in vg_files(root):
+        assert name.startswith(("i_", "b_")), f"partial or temporary disk {name} left"
+    for disk, image in disks.items():
+        assert (root / disk).read_bytes() == data[image], f"{disk} differs from {image}"
+
+
+async def _deploy_many(cache: ImageCache, image: str, n: int) -> list[object]:
+    insts = [str(uuid.uuid4()) for _ in range(n)]
+    return await asyncio.gather(*(cache.deploy(image, i) for i in insts), return_exceptions=True)
+
+
+async def test_a_dropped_response_resumes_from_the_last_byte_written(
+    cache: ImageCache, proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(3 * MiB, seed=40)
+    img = glance_server.create_image(data)
+    cut_at = MiB + 12345
+    proxy.plan(img, cut(after=cut_at))
+
+    results = await _deploy_many(cache, img, 6)
+
+    assert all(not isinstance(r, BaseException) for r in results), results
+    gets = proxy.file_gets(img)
+    assert len(gets) == 2 and gets[0].range is None
+    resumed_from = int(gets[1].range.removeprefix("bytes=").rstrip("-"))  # type: ignore[union-attr]
+    assert 0 < cut_at - resumed_from < CHUNK  # re-downloaded less than one read chunk
+    assert gets[1].status == 206
+    assert sum(g.body_sent for g in gets) - len(data) == cut_at - resumed_from
+    assert sum(r.bytes_fetched for r in results) == len(data)  # type: ignore[union-attr]
+    _assert_vg_clean(tmp_path / "vg", {img: data}, {r.disk: img for r in results})  # type: ignore[union-attr]
+
+
+async def test_a_stalled_response_times_out_and_resumes(
+    proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(2 * MiB, seed=41)
+    img = glance_server.create_image(data)
+    proxy.plan(img, stall(after=700_000))
+    cache = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url, read_timeout=1.0))
+    try:
+        results = await _deploy_many(cache, img, 4)
+    finally:
+        await cache.close()
+
+    assert all(not isinstance(r, BaseException) for r in results), results
+    gets = proxy.file_gets(img)
+    assert len(gets) == 2 and gets[1].range is not None and gets[1].status == 206
+    _assert_vg_clean(tmp_path / "vg", {img: data}, {r.disk: img for r in results})  # type: ignore[union-attr]
+
+
+async def test_a_flipped_byte_fails_every_waiter_and_the_next_deploy_starts_afresh(
+    cache: ImageCache, proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(2 * MiB, seed=42)
+    img = glance_server.create_image(data)
+    proxy.plan(img, flip(at=MiB + 7))
+
+    results = await _deploy_many(cache, img, 5)
+
+    assert all(isinstance(r, IntegrityError) for r in results), results
+    message = str(results[0])
+    assert "sha512 checksum did not match" in message and img in message
+    assert vg_files(tmp_path / "vg") == [] and await cache.entries() == []
+    assert list((tmp_path / "vg" / ".pvmcache" / "locks").iterdir()) == []  # nor a lock file
+    assert len(proxy.file_gets(img)) == 1  # a digest mismatch is not retried
+
+    again = await cache.deploy(img, str(uuid.uuid4()))
+    assert again.result is Outcome.MISS
+    assert proxy.file_gets(img)[-1].range is None  # downloaded afresh from byte 0
+    _assert_vg_clean(tmp_path / "vg", {img: data}, {again.disk: img})
+
+
+@pytest.mark.parametrize(
+    "fault", [answer(503), answer(429, retry_after=0), answer(502)], ids=["503", "429", "502"]
+)
+async def test_transient_answers_are_retried_until_the_data_comes(
+    cache: ImageCache,
+    proxy: FaultProxy,
+    glance_server: GlanceServer,
+    tmp_path: Path,
+    fault: object,
+) -> None:
+    data = disk_image(MiB, seed=43)
+    img = glance_server.create_image(data)
+    proxy.plan(img, fault, fault)  # type: ignore[arg-type]
+
+    results = await _deploy_many(cache, img, 3)
+
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert [g.status for g in proxy.file_gets(img)] == [fault.status] * 2 + [200]  # type: ignore[attr-defined]
+    _assert_vg_clean(tmp_path / "vg", {img: data}, {r.disk: img for r in results})  # type: ignore[union-attr]
+
+
+async def test_retries_are_bounded_and_the_error_names_the_image_and_last_cause(
+    cache: ImageCache, proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=44))
+    proxy.plan(img, *[answer(503)] * 10)
+
+    results = await _deploy_many(cache, img, 3)
+
+    assert all(isinstance(r, GlanceError) for r in results), results
+    message = str(results[0])
+    assert img in message and "after 4 failed attempts" in message and "HTTP 503" in message
+    assert len(proxy.file_gets(img)) == FAST.retries + 1
+    assert vg_files(tmp_path / "vg") == [] and await cache.entries() == []
+
+
+async def test_a_4xx_answer_is_not_retried(
+    cache: ImageCache, proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=45))
+    proxy.plan(img, answer(404))
+    with pytest.raises(ImageNotFound, match=img):
+        await cache.deploy(img, str(uuid.uuid4()))
+    assert len(proxy.file_gets(img)) == 1
+    assert vg_files(tmp_path / "vg") == []
+
+
+@pytest.mark.parametrize(
+    "refusal", [answer(416), answer(400), ignore_range()], ids=["416", "400", "200-ignored"]
+)
+async def test_a_server_that_will_not_resume_makes_the_download_start_over(
+    cache: ImageCache,
+    proxy: FaultProxy,
+    glance_server: GlanceServer,
+    tmp_path: Path,
+    refusal: object,
+) -> None:
+    data = disk_image(2 * MiB, seed=46)
+    img = glance_server.create_image(data)
+    proxy.plan(img, cut(after=MiB), refusal)  # type: ignore[arg-type]
+
+    result = await cache.deploy(img, str(uuid.uuid4()))
+
+    gets = proxy.file_gets(img)
+    assert gets[1].range is not None  # it asked to resume
+    if refusal.kind == "ignore_range":  # type: ignore[attr-defined]
+        assert [g.status for g in gets] == [200, 200]  # the full body of the 200 was used
+    else:
+        assert len(gets) == 3 and gets[2].range is None  # asked again, without Range
+    _assert_vg_clean(tmp_path / "vg", {img: data}, {result.disk: img})
+
+
+async def test_a_refused_connection_is_retried_then_named_in_the_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    img = str(uuid.uuid4())
+    cache = ImageCache(FileVG(tmp_path / "vg"), _client(f"http://127.0.0.1:{port}"))
+    try:
+        with pytest.raises(GlanceError, match=f"image {img}: giving up .* after 4 failed"):
+            await cache.ensure(img)
+    finally:
+        await cache.close()
+    assert vg_files(tmp_path / "vg") == []
+
+
+async def test_a_record_that_is_not_json_is_a_clear_error(
+    cache: ImageCache, proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=47))
+    proxy.plan(img, answer(200, body=b'{"status": "act'), what="record")
+    with pytest.raises(GlanceError, match="not JSON") as info:
+        await cache.deploy(img, str(uuid.uuid4()))
+    assert img in str(info.value) and "\n" not in str(info.value)
+    assert vg_files(tmp_path / "vg") == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"size": None}, "invalid size"),
+        ({"size": True}, "invalid size"),
+        ({"size": 1 << 60}, "invalid size"),
+        ({"size": -1}, "invalid size"),
+        ({"status": "killed"}, "'killed'"),
+        ({"status": "deactivated"}, "'deactivated'"),
+        ({"os_hash_value": "zz", "checksum": None}, "no usable checksum"),
+        ({"id": "00000000-0000-0000-0000-000000000000"}, "another image"),
+    ],
+)
+def test_malformed_or_unusable_records_are_refused(change: dict[str, object], message: str) -> None:
+    img = str(uuid.uuid4())
+    record: dict[str, object] = {
+        "id": img,
+        "status": "active",
+        "disk_format": "raw",
+        "size": 1024,
+        "os_hash_algo": "sha512",
+        "os_hash_value": "ab" * 64,
+        "checksum": None,
+    }
+    record.update(change)
+    with pytest.raises(GlanceError, match=message) as info:
+        parse_image(img, record)
+    assert str(info.value).startswith(f"image {img}: ")
+
+
+async def test_a_queued_image_has_no_data_to_download(glance_server: GlanceServer) -> None:
+    img = glance_server.create_image(None)  # Glance answers 204 to its file
+    client = _client(glance_server.url)
+    info = ImageInfo(img, None, 1024, "md5", "0" * 32)
+    try:
+        with pytest.raises(ImageUnavailable, match="no data in Glance"):
+            await client.download(info, _NullSink())
+    finally:
+        await client.close()
+
+
+async def test_an_image_deleted_after_its_record_was_read_is_not_found(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=48))
+    client = _client(glance_server.url)
+    try:
+        info = await client.get_image(img)
+        glance_server.delete(img)
+        with pytest.raises(ImageNotFound, match=f"image {img}: not found"):
+            await client.download(info, _NullSink())
+    finally:
+        await client.close()
+
+
+async def test_an_image_deactivated_mid_deploy_is_refused_to_a_member(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from pvmcache_async.devglance import MEMBER_HEADERS
+
+    server = GlanceServer.start(tmp_path_factory.mktemp("trusted"), trusted_headers=True)
+    proxy = await FaultProxy(server.url, extra_headers=MEMBER_HEADERS).start()
+    client = _client(proxy.url)
+    try:
+        img = server.create_image(disk_image(MiB, seed=49))
+        info = await client.get_image(img)
+        server.deactivate(img)
+        with pytest.raises(ImageUnavailable, match="HTTP 403: deactivated") as err:
+            await client.download(info, _NullSink())
+        assert img in str(err.value)
+        assert len(proxy.file_gets(img)) == 1  # a 403 is final
+    finally:
+        await client.close()
+        await proxy.close()
+        server.stop()
+
+
+class _NullSink:
+    async def write(self, chunk: bytes) -> None:
+        pass
+
+    async def rewind(self) -> None:
+        pass
+
+
+def _unshare_works() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m none /mnt"],
+        capture_output=True,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -rm to mount a small tmpfs")
+def test_a_disk_that_fills_mid_download_loses_the_partial_and_says_so(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    # Two 3 MiB images fit one at a time into a 5 MiB tmpfs, not both. The proxy holds both
+    # data responses until both have been asked for, so both downloads have passed the free
+    # space check up front and at least one meets a real ENOSPC from the kernel.
+    data = [disk_image(3 * MiB, seed=50 + i) for i in range(2)]
+    imgs = [glance_server.create_image(d) for d in data]
+    vg = tmp_path / "vg"
+    vg.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    threaded = ThreadedFaultProxy(glance_server.url)
+    with threaded as proxy:
+        for img in imgs:
+            proxy.plan(img, stall(after=0))
+        cli = [sys.executable, "-m", "pvmcache_async", "--glance-url", proxy.url]
+        script = (
+            f'mount -t tmpfs -o size=5m tmpfs "{vg}" && '
+            f'{" ".join(cli)} --vg "file:{vg}" prefetch {" ".join(imgs)}; echo "rc=$?"; '
+            f'cd "{vg}" && for f in *; do [ -f "$f" ] || continue; '
+            'echo "$f $(sha256sum < "$f" | cut -c1-64)"; done'
+        )
+        run = subprocess.Popen(
+            ["unshare", "-rm", "sh", "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not all(proxy.file_gets(i) for i in imgs) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert all(proxy.file_gets(i) for i in imgs), "both downloads should have started"
+            threaded.release_stalls()  # on the proxy's own loop thread
+            stdout, stderr = run.communicate(timeout=120)
+        finally:
+            run.kill()
+    lines = stdout.splitlines()
+    assert "rc=1" in lines, (stdout, stderr)
+    errors = stderr.strip().splitlines()
+    assert errors and all("no space left" in e for e in errors), stderr
+    files = dict(line.split(" ", 1) for line in lines if not line.startswith(("rc=", "image ")))
+    digests = {hashlib.sha256(d).hexdigest() for d in data}
+    assert all(name.startswith("i_") for name in files), files  # no partial left behind
+    assert all(digest in digests for digest in files.values())
+    assert len(files) == 2 - len(errors)
+
+
+class _HeldCloneVG(FileVG):
+    """A file VG whose clones start only once ``go`` is set (a real clone, just held)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.cloning = asyncio.Event()
+        self.go = threading.Event()
+
+    async def clone(self, source: str, target: str) -> None:
+        self.cloning.set()
+        await asyncio.to_thread(self.go.wait, 30)
+        await super().clone(source, target)
+
+
+async def test_a_deploy_cancelled_mid_clone_leaves_no_instance_disk(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(MiB, seed=51)
+    img = glance_server.create_image(data)
+    vg = _HeldCloneVG(tmp_path / "vg")
+    cache = ImageCache(vg, _client(glance_server.url))
+    try:
+        task = asyncio.create_task(cache.deploy(img, str(uuid.uuid4())))
+        await asyncio.wait_for(vg.cloning.wait(), 30)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # it waits for the clone it cannot stop
+        vg.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [n for n in vg_files(tmp_path / "vg") if not n.startswith("i_")] == []
+        kept = await cache.deploy(img, str(uuid.uuid4()))  # the cache disk itself stays
+        assert kept.result is Outcome.HIT
+    finally:
+        vg.go.set()
+        await cache.close()
+
+
+def test_the_cli_gives_up_after_its_retries_with_one_line_naming_the_image(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    img = str(uuid.uuid4())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    env["PVMCACHE_RETRIES"] = "1"
+    args = ["--glance-url", f"http://127.0.0.1:{port}", "--vg", f"file:{tmp_path / 'vg'}"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pvmcache_async", *args, "deploy", img, "--instance", img],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert img in line and "after 2 failed attempts" in line and "Traceback" not in line
+    assert vg_files(tmp_path / "vg") == []
