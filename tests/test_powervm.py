@@ -681,12 +681,50 @@ def test_remote_host_without_password_is_refused(monkeypatch: pytest.MonkeyPatch
 def test_logon_failure_is_a_storage_error_without_the_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
+    with pytest.raises(StorageError, match="cannot log on") as err:
+        connect(parse_spec(f"host=127.0.0.1,port={_closed_port()},user=u,vg=rootvg"))
+    assert "s3cret" not in str(err.value) and err.value.__cause__ is None
+
+
+def _closed_port() -> int:
     import socket
 
     with socket.socket() as s:  # a loopback port with nothing listening
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
-    with pytest.raises(StorageError, match="cannot log on") as err:
-        connect(parse_spec(f"host=127.0.0.1,port={port},user=u,vg=rootvg"))
-    assert "s3cret" not in str(err.value) and err.value.__cause__ is None
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("spec", "command", "message"),
+    [
+        ("powervm:vg=rootvg,password=hunter2", ["ls"], "never given in the spec"),
+        (
+            "powervm:host=127.0.0.1,port={port},user=u,vg=rootvg,state_dir={state}",
+            ["prefetch", str(uuid.UUID(int=7))],
+            "cannot log on",
+        ),
+    ],
+)
+def test_cli_powervm_failure_is_one_line_without_the_password(
+    spec: str, command: list[str], message: str, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PVMCACHE_POWERVM_PASSWORD="hunter2")
+    vg = spec.format(port=_closed_port(), state=tmp_path)
+    glance = ["--glance-url", "http://127.0.0.1:9"]  # never reached: the VG fails first
+    run = subprocess.run(
+        [sys.executable, "-m", "pvmcache_async", *glance, "--vg", vg, *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "hunter2" not in run.stderr + run.stdout

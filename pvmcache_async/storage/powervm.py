@@ -30,21 +30,24 @@ import math
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pypowervm import adapter as pvm_adpt
-from pypowervm import const as pvm_const
-from pypowervm import exceptions as pvm_exc
-from pypowervm.tasks import storage as pvm_stg
-from pypowervm.wrappers import storage as pvm_stor
-from pypowervm.wrappers import virtual_io_server as pvm_vios
-
 from ..errors import CacheError, DiskExists, InvalidInput, StorageError
 from ..names import MAX_DISK_NAME
 from .base import Capacity, DiskInfo, PartialDisk, VolumeGroup
+
+with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
+    warnings.simplefilter("ignore")
+    from pypowervm import adapter as pvm_adpt
+    from pypowervm import const as pvm_const
+    from pypowervm import exceptions as pvm_exc
+    from pypowervm.tasks import storage as pvm_stg
+    from pypowervm.wrappers import storage as pvm_stor
+    from pypowervm.wrappers import virtual_io_server as pvm_vios
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -297,6 +300,11 @@ def connect(spec: PowerVMSpec) -> Any:
     nova-powervm connected. With a host (an HMC or a remote NovaLink): user and password,
     the password read from the environment variable ``spec.password_env``.
     """
+    pvm_log = logging.getLogger("pypowervm")
+    if pvm_log.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
+        # pypowervm logs each failure as a warning before raising it; the error we raise
+        # says it once (the command line's promise: one line). Debug logging keeps them.
+        pvm_log.setLevel(logging.ERROR)
     kwargs: dict[str, Any] = {"conn_tries": spec.conn_tries}
     if spec.host is not None:
         password = os.environ.get(spec.password_env)
