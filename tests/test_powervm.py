@@ -341,6 +341,23 @@ async def test_hit_uploads_nothing_and_copies_once(
     assert glance_server.file_requests(image) == 1
 
 
+async def test_concurrent_deploys_download_once_and_copy_each(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(2 * MiB, seed=50)
+    image = glance_server.create_image(data)
+    instances = [str(uuid.uuid4()) for _ in range(12)]
+
+    results = await asyncio.gather(*(cache.deploy(image, i) for i in instances))
+
+    assert glance_server.file_requests(image) == 1
+    assert sorted(r.result.value for r in results).count("miss") == 1
+    assert [c[0] for c in pvm.ops()].count("upload") == 1
+    assert [c[0] for c in pvm.ops()].count("copy") == len(instances)
+    for r in results:
+        assert pvm.content(r.disk) == data
+
+
 async def test_failed_digest_removes_the_partial_and_renames_nothing(
     vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
 ) -> None:
