@@ -745,3 +745,14 @@ def test_cli_powervm_failure_is_one_line_without_the_password(
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
     assert "hunter2" not in run.stderr + run.stdout
+
+
+async def test_short_stream_is_not_published(vg: PowerVMVG, pvm: FakePowerVM) -> None:
+    partial = await vg.create_partial("p_short", 10)
+    await partial.write(b"12345")
+    with pytest.raises(StorageError, match="got 5 bytes, not 10"):
+        await partial.publish("i_short")
+    await partial.discard()
+
+    assert pvm.names() == ["test"]
+    assert not any(c[0] in ("upload", "rename") for c in pvm.calls)

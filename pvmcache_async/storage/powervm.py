@@ -424,15 +424,12 @@ class PowerVMPartialDisk(PartialDisk):
         if self._closed:
             raise StorageError(f"partial disk {self.name} is already closed")
         self._vg.check_name(final_name)
-        if self._upload is None:
-            self._start()  # an empty stream still creates the disk
-        assert self._buffer is not None and self._upload is not None
-        if self._buffer.bytes_written != self.size:
+        written = self._buffer.bytes_written if self._buffer is not None else 0
+        if self._buffer is None or self._upload is None or written != self.size:
             raise StorageError(
-                f"partial disk {self.name} got {self._buffer.bytes_written} bytes, "
-                f"not {self.size}; not publishing it"
+                f"partial disk {self.name} got {written} bytes, not {self.size}; not publishing it"
             )
-        self._buffer.close()
+        self._buffer.close()  # the end of the stream: only now can the upload complete
         try:
             vdisk = await asyncio.shield(self._upload)
         except asyncio.CancelledError:
