@@ -1,0 +1,707 @@
+"""The PowerVM volume group: every disk is a virtual disk (logical volume) of a VG on a VIOS.
+
+Driven through the PowerVM REST API with pypowervm, as nova-powervm's localdisk driver was:
+``find_vg`` locates the VG, ``upload_new_vdisk`` streams a download into a new disk,
+``crt_copy_vdisk`` clones on the server side and ``rm_vg_storage`` deletes. pypowervm blocks,
+so every call runs in a worker thread; uploads run in the VG's own small thread pool, so that
+long uploads never starve the event loop's default executor.
+
+``upload_new_vdisk`` creates the disk under its name *before* streaming into it, so a download
+is uploaded under the partial name and renamed to its ``i_`` name only in ``publish``, after
+the digest matched. The stream reaches pypowervm's reading thread through a bounded
+:class:`StreamBuffer`: the download waits while the buffer is full, the upload waits while
+it is empty, and the end of the stream is only sent in ``publish``, so an upload whose digest
+failed never completes on the server.
+
+PowerVM sizes disks in whole GB, so a disk is larger than the image it holds. The exact byte
+size of each disk this backend filled or cloned is kept beside the index (``state_dir/disks``),
+keyed by the disk's udid, so that ``disk_size`` reports the image's size for the core's check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import CacheError, DiskExists, InvalidInput, StorageError
+from ..names import MAX_DISK_NAME
+from .base import Capacity, DiskInfo, PartialDisk, VolumeGroup
+
+with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
+    warnings.simplefilter("ignore")
+    from pypowervm import adapter as pvm_adpt
+    from pypowervm import const as pvm_const
+    from pypowervm import exceptions as pvm_exc
+    from pypowervm.tasks import storage as pvm_stg
+    from pypowervm.wrappers import storage as pvm_stor
+    from pypowervm.wrappers import virtual_io_server as pvm_vios
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GB = 1 << 30  # pypowervm's sizes are in GB (GiB: util.convert_bytes_to_gb divides by 1024**3)
+DEFAULT_BUFFER = 16 << 20
+MAX_UPLOADS = 3  # pypowervm's own cap (tasks.storage._UPLOAD_SEM); more would only queue
+RENAME_TRIES = 10
+PASSWORD_ENV = "PVMCACHE_POWERVM_PASSWORD"
+_DISK_NAME = re.compile(rf"[A-Za-z0-9_]{{1,{pvm_const.MaxLen.VDISK_NAME}}}")
+_SPEC_KEYS = {
+    "host",
+    "port",
+    "protocol",
+    "user",
+    "password_env",
+    "certpath",
+    "vg",
+    "vios",
+    "state_dir",
+    "buffer_mb",
+    "conn_tries",
+}
+
+assert MAX_DISK_NAME <= pvm_const.MaxLen.VDISK_NAME  # names.py keeps names within PowerVM's
+
+
+# -- the bounded buffer between the asyncio download and pypowervm's reading thread ---------
+
+
+class StreamBuffer:
+    """A bounded byte pipe from the event loop (one writer) to one reading thread.
+
+    ``put`` (on the loop) waits while ``limit`` bytes are buffered; ``read`` (in the thread)
+    blocks while nothing is. A chunk larger than ``limit`` is taken when the buffer is empty,
+    so at most ``max(limit, largest chunk)`` bytes are ever held. ``abort`` makes the reader's
+    next ``read`` raise; ``reader_failed`` makes the writer's next ``put`` raise.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise InvalidInput("the upload buffer must hold at least one byte")
+        self.limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._cond = threading.Condition()
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._aborted: str | None = None
+        self._reader_error: BaseException | None = None
+        self._room = asyncio.Event()
+        self.bytes_written = 0
+        self.bytes_read = 0
+        self.high_water = 0  # the most bytes ever buffered at once
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    async def put(self, chunk: bytes) -> None:
+        """Queue ``chunk`` for the reader; wait while the buffer is full."""
+        if not chunk:
+            return
+        while True:
+            with self._cond:
+                self._check_writable()
+                if self._buffered == 0 or self._buffered + len(chunk) <= self.limit:
+                    self._chunks.append(memoryview(chunk))
+                    self._buffered += len(chunk)
+                    self.bytes_written += len(chunk)
+                    self.high_water = max(self.high_water, self._buffered)
+                    self._cond.notify_all()
+                    return
+                self._room.clear()  # under the lock: a read after this sets it again
+            await self._room.wait()
+
+    def _check_writable(self) -> None:
+        if self._reader_error is not None:
+            cause = str(self._reader_error) or type(self._reader_error).__name__
+            raise StorageError(f"the upload to PowerVM failed: {' '.join(cause.split())}")
+        if self._aborted is not None:
+            raise StorageError(f"the upload to PowerVM was stopped: {self._aborted}")
+        if self._eof:
+            raise StorageError("the upload stream is already closed")
+
+    def close(self) -> None:
+        """End of stream: the reader gets ``b""`` once the buffer is drained."""
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def abort(self, reason: str) -> None:
+        """Stop the reader: its next (or current) ``read`` raises; buffered data is dropped."""
+        with self._cond:
+            if self._aborted is None:
+                self._aborted = reason
+            self._chunks.clear()
+            self._buffered = 0
+            self._cond.notify_all()
+        self._wake_writer()
+
+    def reader_failed(self, exc: BaseException) -> None:
+        """Called from the reading thread when the upload failed: the writer stops."""
+        with self._cond:
+            self._reader_error = exc
+            self._chunks.clear()
+            self._buffered = 0
+        self._wake_writer()
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all buffered ones if negative); ``b""`` at the end of stream."""
+        with self._cond:
+            while not self._chunks and not self._eof and self._aborted is None:
+                self._cond.wait()
+            if self._aborted is not None:
+                raise OSError(f"upload stream aborted: {self._aborted}")
+            if not self._chunks:
+                return b""
+            parts: list[bytes] = []
+            want = size if size >= 0 else self._buffered
+            while self._chunks and want > 0:
+                head = self._chunks[0]
+                take = head[:want]
+                parts.append(bytes(take))
+                want -= len(take)
+                if len(take) == len(head):
+                    self._chunks.popleft()
+                else:
+                    self._chunks[0] = head[len(take) :]
+            data = b"".join(parts)
+            self._buffered -= len(data)
+            self.bytes_read += len(data)
+        self._wake_writer()
+        return data
+
+    def _wake_writer(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._room.set)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _is_etag_mismatch(exc: BaseException) -> bool:
+    resp = getattr(exc, "response", None)
+    return (
+        isinstance(exc, pvm_exc.HttpError)
+        and getattr(resp, "status", None) == pvm_const.HTTPStatus.ETAG_MISMATCH
+    )
+
+
+def _storage_error(what: str, exc: BaseException) -> StorageError:
+    if isinstance(exc, CacheError):
+        return exc if isinstance(exc, StorageError) else StorageError(f"{what}: {exc}")
+    return StorageError(f"{what}: {_cause(exc)}")
+
+
+# -- the spec -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PowerVMSpec:
+    """What ``powervm:key=value,...`` says. The password is never part of it."""
+
+    vg: str
+    host: str | None = None  # None: the local NovaLink REST server, file-based auth
+    port: int | None = None
+    protocol: str | None = None
+    user: str | None = None
+    password_env: str = PASSWORD_ENV
+    certpath: str | None = None
+    vios: str | None = None
+    state_dir: Path | None = None
+    buffer_bytes: int = DEFAULT_BUFFER
+    conn_tries: int = 1
+
+    def text(self) -> str:
+        """The spec as it would be written, for messages and ``VolumeGroup.spec``."""
+        parts = [f"vg={self.vg}"]
+        for key in ("host", "port", "protocol", "user", "vios", "state_dir", "certpath"):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={value}")
+        return "powervm:" + ",".join(parts)
+
+    def default_state_dir(self) -> Path:
+        """Per user, keyed by host, VIOS and VG: the index and locks of this VG."""
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        key = f"{self.host or 'local'}_{self.vios or 'any'}_{self.vg}"
+        return Path(base) / "pvmcache_async" / "powervm" / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+
+
+def parse_spec(rest: str) -> PowerVMSpec:
+    """Parse the part of ``powervm:...`` after the colon: ``key=value`` pairs, comma-separated."""
+    values: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "password":
+            raise InvalidInput(
+                f"VG powervm: a password is never given in the spec; set {PASSWORD_ENV} "
+                "(or the variable named by password_env=)"
+            )
+        if not sep or key not in _SPEC_KEYS or not value:
+            raise InvalidInput(
+                f"VG powervm: {item!r} is not one of {', '.join(sorted(_SPEC_KEYS))} as key=value"
+            )
+        if key in values:
+            raise InvalidInput(f"VG powervm: {key} is given twice")
+        values[key] = value
+    if "vg" not in values:
+        raise InvalidInput("VG powervm: vg=NAME (the volume group) is required")
+
+    def number(key: str, default: int, low: int) -> int:
+        raw = values.get(key)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) < low:
+            raise InvalidInput(f"VG powervm: {key}={raw!r} is not a whole number >= {low}")
+        return int(raw)
+
+    protocol = values.get("protocol")
+    if protocol not in (None, "http", "https"):
+        raise InvalidInput(f"VG powervm: protocol={protocol!r} is not http or https")
+    port = values.get("port")
+    return PowerVMSpec(
+        vg=values["vg"],
+        host=values.get("host"),
+        port=number("port", 0, 1) if port is not None else None,
+        protocol=protocol,
+        user=values.get("user"),
+        password_env=values.get("password_env", PASSWORD_ENV),
+        certpath=values.get("certpath"),
+        vios=values.get("vios"),
+        state_dir=Path(values["state_dir"]).expanduser() if "state_dir" in values else None,
+        buffer_bytes=number("buffer_mb", DEFAULT_BUFFER >> 20, 1) << 20,
+        conn_tries=number("conn_tries", 1, 1),
+    )
+
+
+def connect(spec: PowerVMSpec) -> Any:
+    """Log on to the PowerVM REST API (blocking) and return a ``pypowervm.adapter.Adapter``.
+
+    Without a host: the local NovaLink REST server with file-based authentication, as
+    nova-powervm connected. With a host (an HMC or a remote NovaLink): user and password,
+    the password read from the environment variable ``spec.password_env``.
+    """
+    pvm_log = logging.getLogger("pypowervm")
+    if pvm_log.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
+        # pypowervm logs each failure as a warning before raising it; the error we raise
+        # says it once (the command line's promise: one line). Debug logging keeps them.
+        pvm_log.setLevel(logging.ERROR)
+    kwargs: dict[str, Any] = {"conn_tries": spec.conn_tries}
+    if spec.host is not None:
+        password = os.environ.get(spec.password_env)
+        if not spec.user or not password:
+            raise InvalidInput(
+                f"VG {spec.text()}: a remote host needs user= and the password in "
+                f"${spec.password_env}"
+            )
+        kwargs.update(host=spec.host, username=spec.user, password=password)
+    for key in ("port", "protocol", "certpath"):
+        if getattr(spec, key) is not None:
+            kwargs[key] = getattr(spec, key)
+    try:
+        session = pvm_adpt.Session(**kwargs)
+    except Exception as exc:  # pypowervm raises its own errors and requests' alike
+        raise StorageError(
+            f"VG {spec.text()}: cannot log on to the PowerVM REST API: {_cause(exc)}"
+        ) from None  # the chain could hold the logon request
+    return pvm_adpt.Adapter(session)
+
+
+def open_powervm_vg(rest: str) -> PowerVMVG:
+    """``storage.open_vg``'s entry point. Connecting waits until the VG is first used."""
+    spec = parse_spec(rest)
+    return PowerVMVG(
+        lambda: connect(spec),
+        spec.vg,
+        vios_name=spec.vios,
+        state_dir=spec.state_dir or spec.default_state_dir(),
+        spec=spec.text(),
+        buffer_bytes=spec.buffer_bytes,
+    )
+
+
+# -- the backend --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    adapter: Any
+    vios_uuid: str
+    vg_uuid: str
+
+
+class PowerVMPartialDisk(PartialDisk):
+    """A disk being uploaded under its partial name; ``publish`` renames it after the check."""
+
+    def __init__(self, vg: PowerVMVG, name: str, size: int, label: str | None) -> None:
+        self.name = name
+        self.size = size
+        self._vg = vg
+        self._label = label
+        self._buffer: StreamBuffer | None = None
+        self._upload: asyncio.Future[Any] | None = None
+        self._closed = False
+
+    @property
+    def buffer(self) -> StreamBuffer | None:
+        """The current upload's buffer (for tests and diagnostics)."""
+        return self._buffer
+
+    def _start(self) -> None:
+        self._buffer = StreamBuffer(self._vg.buffer_bytes)
+        self._upload = asyncio.get_running_loop().run_in_executor(
+            self._vg.upload_executor(), self._run_upload, self._buffer
+        )
+
+    def _run_upload(self, buffer: StreamBuffer) -> Any:
+        """In an upload thread: create the disk under the partial name and stream into it.
+
+        pypowervm removes the disk itself when the stream fails (``_clean_out_bad_upload``).
+        """
+        try:
+            target = self._vg.target_sync()
+            vdisk, _file = pvm_stg.upload_new_vdisk(
+                target.adapter,
+                target.vios_uuid,
+                target.vg_uuid,
+                buffer,
+                self.name,
+                self.size,
+                upload_type=pvm_stg.UploadType.IO_STREAM,
+            )
+        except BaseException as exc:
+            buffer.reader_failed(exc)
+            raise
+        return vdisk
+
+    async def _stop_upload(self, reason: str) -> None:
+        """Abort the upload in flight and wait until its thread has let go."""
+        if self._buffer is not None:
+            self._buffer.abort(reason)
+        if self._upload is not None:
+            upload, self._upload = self._upload, None
+            with contextlib.suppress(Exception):  # the abort itself, or what it interrupted
+                await asyncio.shield(upload)
+
+    async def write(self, chunk: bytes) -> None:
+        if self._closed:
+            raise StorageError(f"partial disk {self.name} is already closed")
+        if self._upload is None:
+            self._start()
+        assert self._buffer is not None
+        await self._buffer.put(chunk)
+
+    async def rewind(self) -> None:
+        """A stream already sent cannot be taken back: drop the disk and start a new one."""
+        if self._closed:
+            raise StorageError(f"partial disk {self.name} is already closed")
+        if self._upload is None:
+            return  # nothing sent yet
+        await self._stop_upload("rewound")
+        await self._vg.delete(self.name)  # in case pypowervm's own clean-up failed
+        self._buffer = None
+
+    async def publish(self, final_name: str) -> None:
+        if self._closed:
+            raise StorageError(f"partial disk {self.name} is already closed")
+        self._vg.check_name(final_name)
+        written = self._buffer.bytes_written if self._buffer is not None else 0
+        if self._buffer is None or self._upload is None or written != self.size:
+            raise StorageError(
+                f"partial disk {self.name} got {written} bytes, not {self.size}; not publishing it"
+            )
+        self._buffer.close()  # the end of the stream: only now can the upload complete
+        try:
+            vdisk = await asyncio.shield(self._upload)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            raise _storage_error(f"uploading {self.name} to PowerVM", exc) from exc
+        self._upload = None
+        await self._vg.rename(vdisk.udid, self.name, final_name, self._label, self.size)
+        self._closed = True
+        self._vg.release_upload_slot(self)
+
+    async def discard(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stop_upload("discarded")
+            await self._vg.delete(self.name)
+        finally:
+            self._vg.release_upload_slot(self)
+
+
+class PowerVMVG(VolumeGroup):
+    """A volume group of a VIOS, through the PowerVM REST API."""
+
+    def __init__(
+        self,
+        adapter_factory: Callable[[], Any],
+        vg_name: str,
+        *,
+        state_dir: Path,
+        vios_name: str | None = None,
+        spec: str | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER,
+    ) -> None:
+        self.vg_name = vg_name
+        self.vios_name = vios_name
+        self.spec = spec or f"powervm:vg={vg_name}" + (f",vios={vios_name}" if vios_name else "")
+        self.state_dir = state_dir
+        self.buffer_bytes = buffer_bytes
+        self._adapter_factory = adapter_factory
+        self._target: _Target | None = None
+        self._target_lock = threading.Lock()
+        self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._upload_slots = asyncio.Semaphore(MAX_UPLOADS)
+        self.live: set[PowerVMPartialDisk] = set()  # partial disks not yet published or discarded
+        self._records = state_dir / "disks"
+        try:
+            self._records.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"VG {self.spec}: cannot create the state directory {state_dir} ({exc.strerror})"
+            ) from exc
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def upload_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._uploads is None:
+            self._uploads = concurrent.futures.ThreadPoolExecutor(
+                MAX_UPLOADS, thread_name_prefix="pvmcache-upload"
+            )
+        return self._uploads
+
+    def release_upload_slot(self, partial: PowerVMPartialDisk) -> None:
+        self.live.discard(partial)
+        self._upload_slots.release()
+
+    def target_sync(self) -> _Target:
+        """Connect and find the VG once (blocking: worker threads only)."""
+        with self._target_lock:
+            if self._target is None:
+                adapter = self._adapter_factory()
+                try:
+                    vios_w, vg_w = pvm_stg.find_vg(adapter, self.vg_name, vios_name=self.vios_name)
+                except (pvm_exc.VGNotFound, pvm_exc.VIOSNotFound) as exc:
+                    raise StorageError(f"VG {self.spec}: {_cause(exc)}") from None
+                self._target = _Target(adapter, vios_w.uuid, vg_w.uuid)
+            return self._target
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except CacheError:
+            raise
+        except Exception as exc:
+            raise _storage_error(f"VG {self.spec}: {what}", exc) from exc
+
+    def _read_vg(self) -> Any:
+        t = self.target_sync()
+        return pvm_stor.VG.get(
+            t.adapter, t.vg_uuid, parent_type=pvm_vios.VIOS, parent_uuid=t.vios_uuid
+        )
+
+    def check_name(self, name: str) -> None:
+        if not _DISK_NAME.fullmatch(name):
+            raise InvalidInput(
+                f"disk name {name!r} is not 1-{pvm_const.MaxLen.VDISK_NAME} of [A-Za-z0-9_]"
+            )
+
+    @staticmethod
+    def _named(vg_w: Any, name: str) -> list[Any]:
+        # a VDisk's name can come back as /path/to/name (see pypowervm's crt_vdisk)
+        return [d for d in vg_w.virtual_disks if (d.name or "").split("/")[-1] == name]
+
+    # -- the exact sizes of the disks this backend filled --------------------------------
+
+    def _record_path(self, name: str) -> Path:
+        return self._records / f"{name}.json"
+
+    def _record(self, name: str, udid: str, size: int) -> None:
+        path = self._record_path(name)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps({"udid": udid, "size": size}))
+        os.replace(tmp, path)
+
+    def _forget(self, name: str) -> None:
+        self._record_path(name).unlink(missing_ok=True)
+
+    def _size_of(self, vdisk: Any) -> int:
+        name = (vdisk.name or "").split("/")[-1]
+        try:
+            record = json.loads(self._record_path(name).read_text())
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and record.get("udid") == vdisk.udid and vdisk.udid:
+            size = record.get("size")
+            if isinstance(size, int):
+                return size
+        return round((vdisk.capacity or 0.0) * GB)
+
+    # -- the protocol -------------------------------------------------------------------
+
+    async def list_disks(self) -> list[DiskInfo]:
+        def scan() -> list[DiskInfo]:
+            vg_w = self._read_vg()
+            disks = [
+                DiskInfo((d.name or "").split("/")[-1], self._size_of(d))
+                for d in vg_w.virtual_disks
+            ]
+            return sorted(disks, key=lambda d: d.name)
+
+        return await self._call("listing disks", scan)
+
+    async def disk_size(self, name: str) -> int | None:
+        self.check_name(name)
+
+        def size() -> int | None:
+            found = self._named(self._read_vg(), name)
+            return self._size_of(found[0]) if found else None
+
+        return await self._call(f"reading disk {name}", size)
+
+    async def create_partial(
+        self, name: str, size: int, *, label: str | None = None
+    ) -> PowerVMPartialDisk:
+        """Start a disk under the partial ``name``; ``label`` (an image id) is set on publish."""
+        self.check_name(name)
+        if size < 1:
+            raise InvalidInput(f"partial disk {name}: size {size} is not positive")
+        if await self.disk_size(name) is not None:
+            raise DiskExists(f"partial disk {name} already exists in the volume group")
+        await self._upload_slots.acquire()  # held until publish or discard
+        partial = PowerVMPartialDisk(self, name, size, label)
+        self.live.add(partial)
+        return partial
+
+    async def rename(
+        self, udid: str, name: str, final_name: str, label: str | None, size: int
+    ) -> None:
+        """Rename disk ``udid`` (now ``name``) to ``final_name``; retry on etag mismatch."""
+
+        def rename() -> None:
+            for _ in range(RENAME_TRIES):
+                vg_w = self._read_vg()
+                if self._named(vg_w, final_name):
+                    raise DiskExists(f"disk {final_name} already exists in the volume group")
+                disk = next((d for d in vg_w.virtual_disks if d.udid == udid), None)
+                if disk is None:
+                    raise StorageError(f"disk {name} (udid {udid}) vanished before its rename")
+                disk.name = final_name
+                if label is not None:
+                    disk._label(label)  # a second record of the image id, beside the index
+                try:
+                    vg_w.update()
+                except pvm_exc.HttpError as exc:
+                    if _is_etag_mismatch(exc):
+                        log.debug("etag mismatch renaming %s to %s; retrying", name, final_name)
+                        continue  # the VG changed under us: read it again
+                    raise
+                self._record(final_name, udid, size)
+                return
+            raise StorageError(
+                f"renaming {name} to {final_name}: the VG kept changing ({RENAME_TRIES} tries)"
+            )
+
+        await self._call(f"publishing {name} as {final_name}", rename)
+
+    async def clone(self, source: str, target: str) -> None:
+        """A server-side copy (``crt_copy_vdisk``) of ``source`` into a new disk ``target``."""
+        self.check_name(source)
+        self.check_name(target)
+
+        def clone() -> None:
+            t = self.target_sync()
+            vg_w = self._read_vg()
+            if self._named(vg_w, target):
+                raise DiskExists(f"disk {target} already exists in the volume group")
+            found = self._named(vg_w, source)
+            if not found:
+                raise StorageError(f"cloning {source} to {target}: there is no disk {source}")
+            src = found[0]
+            size = self._size_of(src)
+            before = {d.udid for d in vg_w.virtual_disks}
+            try:
+                new = pvm_stg.crt_copy_vdisk(
+                    t.adapter,
+                    t.vios_uuid,
+                    t.vg_uuid,
+                    src.udid,
+                    size,
+                    target,
+                    file_format=src.file_format,
+                )
+            except Exception:
+                # a copy the server began under the target name must not pass for complete
+                with contextlib.suppress(Exception):
+                    vg_now = self._read_vg()
+                    partial = [d for d in self._named(vg_now, target) if d.udid not in before]
+                    if partial:
+                        pvm_stg.rm_vg_storage(vg_now, vdisks=partial)
+                raise
+            self._record(target, new.udid, size)
+
+        await self._call(f"cloning {source} to {target}", clone)
+
+    async def delete(self, name: str) -> None:
+        self.check_name(name)
+
+        def delete() -> None:
+            vg_w = self._read_vg()
+            found = self._named(vg_w, name)
+            if found:
+                pvm_stg.rm_vg_storage(vg_w, vdisks=found)  # retries on etag mismatch itself
+            self._forget(name)
+
+        await self._call(f"deleting disk {name}", delete)
+
+    async def capacity(self) -> Capacity:
+        def capacity() -> Capacity:
+            vg_w = self._read_vg()
+            known = [v for v in (vg_w.available_size, vg_w.free_space) if v is not None]
+            free_gb = min(known) if known else 0.0
+            # disks are made in whole GB: only whole free GB can hold an image
+            return Capacity(total=int((vg_w.capacity or 0.0) * GB), free=math.floor(free_gb) * GB)
+
+        return await self._call("reading its capacity", capacity)
+
+    async def close(self) -> None:
+        for partial in list(self.live):  # an upload thread blocked in read() would never end
+            await partial.discard()
+        if self._uploads is not None:
+            pool, self._uploads = self._uploads, None
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+__all__ = [
+    "PASSWORD_ENV",
+    "PowerVMPartialDisk",
+    "PowerVMSpec",
+    "PowerVMVG",
+    "StreamBuffer",
+    "connect",
+    "open_powervm_vg",
+    "parse_spec",
+]

@@ -1,0 +1,758 @@
+"""The PowerVM backend on pypowervm: its own AdapterFx, recorded responses and wrappers.
+
+No PowerVM server can run here, so the REST side is pypowervm's ``AdapterFx`` (a patched
+``pypowervm.adapter.Adapter``) answering like a VIOS would: ``FakePowerVM`` starts from the
+recorded ``fake_vios_feed.txt`` and ``upload_volgrp.txt``, and applies each VG update that
+pypowervm's own ``tasks.storage`` sends (new disks, copies, renames, removals, etags), keeps
+each disk's bytes and reads uploads from the stream pypowervm passes on. Everything above it
+is real: pypowervm's tasks and wrappers, the backend, ``ImageCache`` and a real Glance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import re
+import threading
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("pypowervm")
+
+from pypowervm import adapter as pvm_adpt
+from pypowervm import entities as pvm_ent
+from pypowervm import exceptions as pvm_exc
+from pypowervm.tasks import storage as pvm_stg
+from pypowervm.tests import test_fixtures as pvm_fx
+from pypowervm.tests.tasks import util as pvm_tju
+from pypowervm.wrappers import storage as pvm_stor
+from pypowervm.wrappers import vios_file as pvm_vf
+from pypowervm.wrappers import virtual_io_server as pvm_vios
+
+from pvmcache_async import (
+    GlanceClient,
+    ImageCache,
+    IntegrityError,
+    InvalidInput,
+    Outcome,
+)
+from pvmcache_async.devglance import GlanceServer
+from pvmcache_async.errors import DiskExists, StorageError
+from pvmcache_async.models import ImageInfo
+from pvmcache_async.names import instance_disk_name, partial_disk_name
+from pvmcache_async.storage import open_vg
+from pvmcache_async.storage.powervm import (
+    PASSWORD_ENV,
+    PowerVMPartialDisk,
+    PowerVMVG,
+    StreamBuffer,
+    connect,
+    parse_spec,
+)
+
+from .support import disk_image
+
+MiB = 1 << 20
+VG_NAME = "image_pool"  # the VG of upload_volgrp.txt
+
+
+class FakePowerVM:
+    """The REST server behind pypowervm's AdapterFx adapter: one VIOS holding one VG."""
+
+    def __init__(self, adpt: Any) -> None:
+        self.adpt = adpt
+        self._lock = threading.RLock()
+        self.vios_feed = pvm_tju.load_file("fake_vios_feed.txt", adpt)
+        self.vios_uuid = pvm_vios.VIOS.wrap(self.vios_feed)[0].uuid
+        vg_resp = pvm_tju.load_file("upload_volgrp.txt", adpt)
+        self.vg_uuid = pvm_stor.VG.wrap(vg_resp).uuid
+        self.vg_entry = vg_resp.entry
+        self.etag = 1
+        self.data: dict[str, bytes] = {d.udid: b"" for d in self._vg().virtual_disks}
+        self.files: dict[str, str] = {}  # File uuid -> udid of the disk it fills
+        self._file_entry = pvm_tju.load_file("upload_file.txt", adpt).entry
+        self._udids = 100
+        self.calls: list[tuple[str, ...]] = []
+        self.stale_renames = 0  # the next N renames meet a VG another client just changed
+        self.fail_upload_after: int | None = None  # the VIOS breaks off after this many bytes
+        self.read_pause: threading.Event | None = None  # cleared: the upload stops reading
+        self.reading = threading.Event()  # set at the upload's first read
+        self.lag: list[int] = []  # download bytes not yet uploaded, seen at each read
+        self.uploads_running = 0
+        adpt.read.side_effect = self.read
+        adpt.read_by_href.side_effect = lambda *a, **k: self._vg_resp()
+        adpt.update_by_path.side_effect = self.update_by_path
+        adpt.create.side_effect = self.create
+        adpt.upload_file.side_effect = self.upload_file
+        adpt.delete.side_effect = self.delete
+        adpt.return_value = adpt  # pypowervm.adapter.Adapter(session) is this adapter
+
+    # -- what a test looks at --
+
+    def _vg(self) -> Any:
+        return pvm_stor.VG.wrap(self.vg_entry)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(d.name for d in self._vg().virtual_disks)
+
+    def content(self, name: str) -> bytes:
+        with self._lock:
+            (disk,) = [d for d in self._vg().virtual_disks if d.name == name]
+            return self.data[disk.udid]
+
+    def disk(self, name: str) -> Any:
+        with self._lock:
+            (disk,) = [d for d in self._vg().virtual_disks if d.name == name]
+            return disk
+
+    def ops(self) -> list[tuple[str, ...]]:
+        """The calls that change disks (File bookkeeping left out)."""
+        return [c for c in self.calls if c[0] != "file_deleted"]
+
+    # -- the REST API --
+
+    def _resp(self, entry: Any = None, feed: list[Any] | None = None) -> Any:
+        resp = pvm_adpt.Response("GET", "/rest/api/uom/x", 200, "OK", {"etag": str(self.etag)})
+        if feed is not None:
+            resp.feed = pvm_ent.Feed({}, feed)
+        else:
+            resp.entry = entry
+        return resp
+
+    def _vg_copy(self) -> Any:
+        entry = copy.deepcopy(self.vg_entry)
+        entry.properties["etag"] = str(self.etag)
+        return entry
+
+    def _vg_resp(self) -> Any:
+        with self._lock:
+            return self._resp(self._vg_copy())
+
+    @staticmethod
+    def _error(status: int, path: str = "/rest/api/uom/x") -> pvm_exc.HttpError:
+        return pvm_exc.HttpError(pvm_adpt.Response("POST", path, status, "fake VIOS", {}))
+
+    def read(
+        self,
+        root_type: str,
+        root_id: str | None = None,
+        child_type: str | None = None,
+        child_id: str | None = None,
+        suffix_type: str | None = None,
+        suffix_parm: str | None = None,
+        **_: Any,
+    ) -> Any:
+        with self._lock:
+            if root_type == "VirtualIOServer" and child_type is None and root_id is None:
+                if suffix_type == "search" and suffix_parm:
+                    m = re.fullmatch(r"\((\w+)=='(.+)'\)", suffix_parm)
+                    assert m and m.group(1) == "PartitionName", suffix_parm
+                    wanted = urllib.parse.unquote(m.group(2))
+                    wrapped = [pvm_vios.VIOS.wrap(e) for e in self.vios_feed.feed.entries]
+                    hits = [w.entry for w in wrapped if w.name == wanted]
+                    return self._resp(feed=hits)
+                return self.vios_feed
+            if root_type == "VirtualIOServer" and child_type == "VolumeGroup":
+                if root_id != self.vios_uuid:
+                    if child_id is None:
+                        return self._resp(feed=[])
+                    raise self._error(404)
+                if child_id is None:
+                    return self._resp(feed=[self._vg_copy()])
+                if child_id == self.vg_uuid:
+                    return self._resp(self._vg_copy())
+                raise self._error(404)
+        raise AssertionError(f"unexpected read {root_type} {root_id} {child_type} {child_id}")
+
+    def update_by_path(self, data: Any, etag: Any, path: str, **_: Any) -> Any:
+        with self._lock:
+            new = pvm_stor.VG.wrap(copy.deepcopy(data.entry))
+            old = {d.udid: d for d in self._vg().virtual_disks}
+            renames = [
+                ("rename", old[d.udid].name, d.name)
+                for d in new.virtual_disks
+                if d.udid in old and old[d.udid].name != d.name
+            ]
+            if renames and self.stale_renames:
+                self.stale_renames -= 1
+                self.etag += 1  # another client changed the VG since pypowervm read it
+                self.calls.append(("etag_mismatch",))
+            if etag is not None and str(etag) != str(self.etag):  # no etag: no If-Match
+                raise self._error(412, path)
+            names = [d.name for d in new.virtual_disks]
+            if len(names) != len(set(names)):
+                raise self._error(400, path)  # a VIOS refuses a second disk of one name
+            done: list[tuple[str, ...]] = []
+            for d in new.virtual_disks:
+                if d.udid is not None:
+                    continue
+                udid = f"0300f8d6de00004b000000014a54555cd9.{self._udids}"
+                self._udids += 1
+                base = d._get_val_str("BaseImage")
+                if base:
+                    if base not in self.data:
+                        raise self._error(400, path)
+                    self.data[udid] = self.data[base]
+                    src = old[base].name
+                    d.element.remove(d.element.find("BaseImage"))
+                    done.append(("copy", src, d.name))
+                else:
+                    self.data[udid] = b""
+                    done.append(("create", d.name))
+                d.set_parm_value("UniqueDeviceID", udid)
+            kept = {d.udid for d in new.virtual_disks}
+            for udid, d in old.items():
+                if udid not in kept:
+                    self.data.pop(udid, None)
+                    done.append(("delete", d.name))
+            self.calls.extend(renames + done)
+            self.etag += 1
+            self.vg_entry = new.entry
+            return self._resp(self._vg_copy())
+
+    def create(self, wrapper: Any, root_type: str, **_: Any) -> Any:
+        assert root_type == "File"
+        with self._lock:
+            entry = copy.deepcopy(self._file_entry)
+            f = pvm_vf.File.wrap(entry)
+            file_uuid = str(uuid.uuid4())
+            f.set_parm_value("FileUUID", file_uuid)
+            f._tdev_udid(wrapper.tdev_udid)
+            f._file_name(wrapper.file_name)
+            self.files[file_uuid] = wrapper.tdev_udid
+            return self._resp(entry)
+
+    def upload_file(self, filedescr: Any, filehandle: Any, chunksize: int = 65536, **_: Any) -> Any:
+        udid = self.files[filedescr.findtext("FileUUID")]
+        name = filedescr.findtext("Filename")
+        got = bytearray()
+        with self._lock:
+            self.uploads_running += 1
+        try:
+            while True:
+                if self.read_pause is not None:
+                    self.read_pause.wait()
+                piece = filehandle.read(chunksize)
+                self.reading.set()
+                if isinstance(filehandle, StreamBuffer):
+                    self.lag.append(filehandle.bytes_written - filehandle.bytes_read)
+                if not piece:
+                    break
+                got += piece
+                if self.fail_upload_after is not None and len(got) >= self.fail_upload_after:
+                    raise self._error(500)
+        finally:
+            with self._lock:
+                self.uploads_running -= 1
+        with self._lock:
+            if udid in self.data:
+                self.data[udid] = bytes(got)
+            self.calls.append(("upload", name, str(len(got))))
+        return self._resp()
+
+    def delete(self, root_type: str, root_id: str | None = None, **_: Any) -> None:
+        assert root_type == "File"
+        self.calls.append(("file_deleted",))
+
+
+@pytest.fixture
+def pvm() -> Iterator[FakePowerVM]:
+    fx = pvm_fx.AdapterFx(traits=pvm_fx.RemotePVMTraits)
+    fx.setUp()
+    fake = FakePowerVM(fx.adpt)
+    try:
+        yield fake
+    finally:
+        if fake.read_pause is not None:  # a failed test must not leave an upload thread waiting
+            fake.read_pause.set()
+        fx.cleanUp()
+
+
+@pytest.fixture
+async def vg(pvm: FakePowerVM, tmp_path: Path) -> AsyncIterator[PowerVMVG]:
+    v = PowerVMVG(lambda: pvm.adpt, VG_NAME, state_dir=tmp_path / "state", buffer_bytes=MiB)
+    yield v
+    await v.close()
+
+
+@pytest.fixture
+async def cache(vg: PowerVMVG, glance_server: GlanceServer) -> AsyncIterator[ImageCache]:
+    c = ImageCache(vg, GlanceClient(glance_server.url, chunk_size=256 << 10))
+    yield c
+    await c.close()
+
+
+class WrongDigestGlance(GlanceClient):
+    """The real Glance and download, but the record's digest says something else."""
+
+    async def get_image(self, image_id: str) -> ImageInfo:
+        info = await super().get_image(image_id)
+        return dataclasses.replace(info, digest="0" * len(info.digest))
+
+
+def _leftovers(pvm: FakePowerVM) -> list[str]:
+    return [n for n in pvm.names() if n.startswith(("i_", "p_", "b_", "t_"))]
+
+
+# -- a miss, a hit, and what goes wrong -----------------------------------------------------
+
+
+async def test_miss_creates_partial_streams_then_renames_after_the_digest_matched(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(3 * MiB, seed=51)
+    image = glance_server.create_image(data)
+
+    result = await cache.ensure(image)
+
+    partial = partial_disk_name(image)
+    assert result.result is Outcome.MISS and result.bytes_fetched == len(data)
+    assert pvm.ops() == [
+        ("create", partial),
+        ("upload", partial, str(len(data))),
+        ("rename", partial, result.cache_disk),
+    ]
+    assert pvm.content(result.cache_disk) == data
+    assert partial not in pvm.names()
+    assert await cache.vg.disk_size(result.cache_disk) == len(data)
+
+
+async def test_hit_uploads_nothing_and_copies_once(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(2 * MiB, seed=52)
+    image = glance_server.create_image(data)
+    cache_disk = (await cache.ensure(image)).cache_disk
+    pvm.calls.clear()
+    instance = str(uuid.uuid4())
+
+    deployed = await cache.deploy(image, instance)
+
+    assert deployed.result is Outcome.HIT and deployed.bytes_fetched == 0
+    assert pvm.ops() == [("copy", cache_disk, instance_disk_name(instance))]
+    assert pvm.content(deployed.disk) == data
+    assert glance_server.file_requests(image) == 1
+
+
+async def test_concurrent_deploys_download_once_and_copy_each(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(2 * MiB, seed=50)
+    image = glance_server.create_image(data)
+    instances = [str(uuid.uuid4()) for _ in range(12)]
+
+    results = await asyncio.gather(*(cache.deploy(image, i) for i in instances))
+
+    assert glance_server.file_requests(image) == 1
+    assert sorted(r.result.value for r in results).count("miss") == 1
+    assert [c[0] for c in pvm.ops()].count("upload") == 1
+    assert [c[0] for c in pvm.ops()].count("copy") == len(instances)
+    for r in results:
+        assert pvm.content(r.disk) == data
+
+
+async def test_failed_digest_removes_the_partial_and_renames_nothing(
+    vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    image = glance_server.create_image(disk_image(2 * MiB, seed=53))
+    cache = ImageCache(vg, WrongDigestGlance(glance_server.url))
+    try:
+        with pytest.raises(IntegrityError, match="checksum did not match"):
+            await cache.ensure(image)
+    finally:
+        await cache.close()
+
+    partial = partial_disk_name(image)
+    assert pvm.ops() == [("create", partial), ("delete", partial)]
+    assert not any(c[0] in ("rename", "upload") for c in pvm.calls)
+    assert _leftovers(pvm) == []
+
+
+async def test_upload_exception_stops_the_download_and_leaves_no_disk(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    size = 40 * MiB
+    image = glance_server.create_image(disk_image(size, seed=54))
+    pvm.fail_upload_after = 2 * MiB
+
+    with pytest.raises(StorageError, match="upload to PowerVM failed"):
+        await cache.ensure(image)
+
+    assert _leftovers(pvm) == []
+    assert ("delete", partial_disk_name(image)) in pvm.ops()
+    assert not any(c[0] == "rename" for c in pvm.calls)
+    assert glance_server.bytes_served(image) < size  # the download stopped early
+    assert await cache.entries() == []
+
+
+async def test_etag_mismatch_on_rename_is_retried(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(MiB, seed=55)
+    image = glance_server.create_image(data)
+    pvm.stale_renames = 2
+
+    result = await cache.ensure(image)
+
+    partial = partial_disk_name(image)
+    mismatches = [c for c in pvm.calls if c[0] == "etag_mismatch"]
+    assert len(mismatches) == 2
+    assert pvm.ops()[-1] == ("rename", partial, result.cache_disk)
+    assert pvm.content(result.cache_disk) == data
+
+
+async def test_uuids_sharing_their_first_12_hex_digits_get_distinct_disks(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    ids = [f"3e865d14-8c1e-4{n:03d}-8000-{uuid.uuid4().hex[:12]}" for n in (1, 2)]
+    data = {i: disk_image(MiB, seed=60 + n) for n, i in enumerate(ids)}
+    for i in ids:
+        glance_server.create_image(data[i], image_id=i)
+
+    ensured = [await cache.ensure(i) for i in ids]
+    deployed = [await cache.deploy(i, str(uuid.uuid4())) for i in ids]
+
+    assert ensured[0].cache_disk == "i_3e865d14_8c1e"
+    assert ensured[0].cache_disk != ensured[1].cache_disk
+    for d in deployed:
+        assert pvm.content(d.disk) == data[d.image_id]
+        assert d.result is Outcome.HIT
+
+
+async def test_partial_left_by_a_crash_is_removed_and_never_cloned(
+    cache: ImageCache, pvm: FakePowerVM, vg: PowerVMVG, glance_server: GlanceServer
+) -> None:
+    data = disk_image(MiB, seed=56)
+    image = glance_server.create_image(data)
+    t = vg.target_sync()
+    partial = partial_disk_name(image)
+    pvm_stg.crt_vdisk(pvm.adpt, t.vios_uuid, t.vg_uuid, partial, 1)  # what a dead process left
+    pvm.calls.clear()
+
+    deployed = await cache.deploy(image, str(uuid.uuid4()))
+
+    ops = pvm.ops()
+    assert ops[0] == ("delete", partial)
+    assert ("create", partial) in ops
+    assert all(c[1] != partial for c in ops if c[0] == "copy")
+    assert pvm.content(deployed.disk) == data
+    assert partial not in pvm.names()
+
+
+async def test_rewind_drops_the_sent_stream_and_starts_a_new_disk(
+    vg: PowerVMVG, pvm: FakePowerVM
+) -> None:
+    good = disk_image(2 * MiB, seed=57)
+    partial = await vg.create_partial("p_rewindtest", len(good))
+    await partial.write(b"\xff" * MiB)
+    await partial.rewind()
+    for i in range(0, len(good), 512 << 10):
+        await partial.write(good[i : i + (512 << 10)])
+    await partial.publish("i_rewound")
+
+    assert pvm.content("i_rewound") == good
+    assert pvm.ops() == [
+        ("create", "p_rewindtest"),
+        ("delete", "p_rewindtest"),
+        ("create", "p_rewindtest"),
+        ("upload", "p_rewindtest", str(len(good))),
+        ("rename", "p_rewindtest", "i_rewound"),
+    ]
+
+
+async def test_publish_never_replaces_an_existing_disk(vg: PowerVMVG, pvm: FakePowerVM) -> None:
+    partial = await vg.create_partial("p_clash", 4)
+    await partial.write(b"data")
+    with pytest.raises(DiskExists, match="test already exists"):
+        await partial.publish("test")  # the recorded disk of upload_volgrp.txt
+    await partial.discard()
+
+    assert "p_clash" not in pvm.names()
+    assert pvm.names() == ["test"]
+
+
+async def test_label_records_the_image_id_when_given(vg: PowerVMVG, pvm: FakePowerVM) -> None:
+    image = str(uuid.uuid4())
+    partial = await vg.create_partial("p_labeled", 3, label=image)
+    await partial.write(b"abc")
+    await partial.publish("i_labeled")
+
+    assert pvm.disk("i_labeled").label == image
+
+
+async def test_capacity_is_whole_free_gb_of_the_vg(vg: PowerVMVG) -> None:
+    cap = await vg.capacity()
+    # upload_volgrp.txt: GroupCapacity 1063, AvailableSize and FreeSpace 1045 (GB)
+    assert (cap.total, cap.free) == (1063 << 30, 1045 << 30)
+
+
+async def test_recorded_disks_are_listed_with_their_gb_size(vg: PowerVMVG) -> None:
+    disks = await vg.list_disks()
+    assert [(d.name, d.size) for d in disks] == [("test", 1 << 30)]
+    assert await vg.disk_size("absent") is None
+
+
+async def test_vios_name_selects_the_vios(pvm: FakePowerVM, tmp_path: Path) -> None:
+    name = pvm_vios.VIOS.wrap(pvm.vios_feed)[0].name
+    good = PowerVMVG(lambda: pvm.adpt, VG_NAME, vios_name=name, state_dir=tmp_path / "a")
+    assert [d.name for d in await good.list_disks()] == ["test"]
+    wrong = PowerVMVG(lambda: pvm.adpt, "rootvg", vios_name=name, state_dir=tmp_path / "b")
+    with pytest.raises(StorageError, match="rootvg"):
+        await wrong.list_disks()
+
+
+# -- the bounded buffer -------------------------------------------------------------------
+
+
+async def _uploading(vg: PowerVMVG) -> PowerVMPartialDisk:
+    """The partial disk being uploaded, once its buffer got half a MiB."""
+    for _ in range(3000):
+        partial = next(iter(vg.live), None)
+        if partial is not None and partial.buffer and partial.buffer.bytes_written >= MiB // 2:
+            return partial
+        await asyncio.sleep(0.01)
+    raise AssertionError("the download never reached the upload buffer")
+
+
+async def _settle() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def test_buffer_full_holds_the_writer_until_the_reader_reads() -> None:
+    buf = StreamBuffer(4 * 1000)
+    chunks = [bytes([n]) * 1000 for n in range(20)]
+    accepted = 0
+
+    async def writer() -> None:
+        nonlocal accepted
+        for c in chunks:
+            await buf.put(c)
+            accepted += 1
+        buf.close()
+
+    task = asyncio.create_task(writer())
+    await _settle()
+    assert accepted == 4 and not task.done()  # nobody reads: the writer waits, memory stays
+
+    received = bytearray()
+
+    def reader() -> None:
+        while piece := buf.read(700):
+            received.extend(piece)
+
+    await asyncio.gather(task, asyncio.to_thread(reader))
+    assert bytes(received) == b"".join(chunks)
+    assert buf.high_water <= 4000
+
+
+async def test_slow_reader_slows_the_download_instead_of_growing_memory(
+    cache: ImageCache, vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(24 * MiB, seed=58)
+    image = glance_server.create_image(data)
+    pvm.read_pause = threading.Event()
+    task = asyncio.create_task(cache.ensure(image))
+    partial = await _uploading(vg)
+    await asyncio.sleep(0.2)  # the reader is paused: the download must be waiting by now
+    held = partial.buffer.bytes_written
+
+    pvm.read_pause.set()
+    result = await task
+
+    assert held <= MiB + (256 << 10)  # the buffer, plus at most one chunk
+    assert partial.buffer.high_water <= MiB
+    assert max(pvm.lag) <= MiB + (256 << 10)
+    assert pvm.content(result.cache_disk) == data
+
+
+async def test_failing_reader_wakes_a_writer_waiting_for_room() -> None:
+    buf = StreamBuffer(1000)
+    await buf.put(b"x" * 1000)
+    blocked = asyncio.create_task(buf.put(b"y" * 10))
+    await _settle()
+    assert not blocked.done()
+
+    await asyncio.to_thread(buf.reader_failed, ConnectionError("VIOS went away"))
+
+    with pytest.raises(StorageError, match="VIOS went away"):
+        await blocked
+
+
+async def test_cancelling_the_download_stops_the_upload_thread_and_glance(
+    cache: ImageCache, vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    size = 40 * MiB
+    image = glance_server.create_image(disk_image(size, seed=59))
+    pvm.read_pause = threading.Event()
+    task = asyncio.create_task(cache.ensure(image))
+    partial = await _uploading(vg)
+
+    task.cancel()
+    pvm.read_pause.set()  # the thread reads on, and meets the abort
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await cache.close()
+
+    assert pvm.uploads_running == 0
+    assert not vg.live
+    assert _leftovers(pvm) == []
+    assert not any(c[0] in ("upload", "rename") for c in pvm.calls)
+    assert partial.buffer is not None and partial.buffer.bytes_written < size
+    assert glance_server.bytes_served(image) < size
+
+
+async def test_cancelled_writer_then_abort_makes_the_reader_raise() -> None:
+    buf = StreamBuffer(10)
+    await buf.put(b"0123456789")
+    blocked = asyncio.create_task(buf.put(b"more"))
+    await _settle()
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    buf.abort("discarded")
+
+    with pytest.raises(OSError, match="discarded"):
+        await asyncio.to_thread(buf.read, 5)
+
+
+# -- the spec and the connection ----------------------------------------------------------
+
+
+def test_spec_parses_every_key(tmp_path: Path) -> None:
+    spec = parse_spec(
+        f"host=hmc1.example,vg=rootvg,vios=vios1,user=hscroot,state_dir={tmp_path},"
+        "port=12443,protocol=https,buffer_mb=8,password_env=MY_PW"
+    )
+    assert (spec.host, spec.vg, spec.vios, spec.user) == (
+        "hmc1.example",
+        "rootvg",
+        "vios1",
+        "hscroot",
+    )
+    assert (spec.state_dir, spec.port, spec.buffer_bytes) == (tmp_path, 12443, 8 * MiB)
+    assert spec.password_env == "MY_PW"
+
+
+@pytest.mark.parametrize(
+    ("rest", "message"),
+    [
+        ("vg=rootvg,password=secret", "never given in the spec"),
+        ("host=h", "vg=NAME"),
+        ("vg=a,colour=blue", "not one of"),
+        ("vg=a,vg=b", "given twice"),
+        ("vg=a,port=x", "not a whole number"),
+        ("vg=a,protocol=ftp", "not http or https"),
+    ],
+)
+def test_bad_spec_is_one_clear_line(rest: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message) as err:
+        parse_spec(rest)
+    assert "\n" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_default_state_dir_is_keyed_by_host_and_vg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", "/state")
+    assert parse_spec("vg=rootvg").default_state_dir() == Path(
+        "/state/pvmcache_async/powervm/local_any_rootvg"
+    )
+    assert (
+        parse_spec("vg=rootvg,host=hmc1").default_state_dir()
+        != parse_spec("vg=rootvg,host=hmc2").default_state_dir()
+    )
+
+
+async def test_open_vg_connects_with_the_password_from_the_environment(
+    pvm: FakePowerVM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
+    vg = open_vg(f"powervm:host=hmc1.example,user=hscroot,vg={VG_NAME},state_dir={tmp_path}")
+    try:
+        assert [d.name for d in await vg.list_disks()] == ["test"]
+    finally:
+        await vg.close()
+
+    session = pvm_adpt.Session  # patched by pypowervm's SessionFx inside AdapterFx
+    kwargs = session.call_args.kwargs
+    assert (kwargs["host"], kwargs["username"], kwargs["password"]) == (
+        "hmc1.example",
+        "hscroot",
+        "s3cret-pw",
+    )
+    assert "s3cret" not in vg.spec and vg.state_dir == tmp_path
+
+
+def test_remote_host_without_password_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    with pytest.raises(InvalidInput, match=PASSWORD_ENV):
+        connect(parse_spec("host=hmc1,user=u,vg=rootvg"))
+
+
+def test_logon_failure_is_a_storage_error_without_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
+    with pytest.raises(StorageError, match="cannot log on") as err:
+        connect(parse_spec(f"host=127.0.0.1,port={_closed_port()},user=u,vg=rootvg"))
+    assert "s3cret" not in str(err.value) and err.value.__cause__ is None
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("spec", "command", "message"),
+    [
+        ("powervm:vg=rootvg,password=hunter2", ["ls"], "never given in the spec"),
+        (
+            "powervm:host=127.0.0.1,port={port},user=u,vg=rootvg,state_dir={state}",
+            ["prefetch", str(uuid.UUID(int=7))],
+            "cannot log on",
+        ),
+    ],
+)
+def test_cli_powervm_failure_is_one_line_without_the_password(
+    spec: str, command: list[str], message: str, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PVMCACHE_POWERVM_PASSWORD="hunter2")
+    vg = spec.format(port=_closed_port(), state=tmp_path)
+    glance = ["--glance-url", "http://127.0.0.1:9"]  # never reached: the VG fails first
+    run = subprocess.run(
+        [sys.executable, "-m", "pvmcache_async", *glance, "--vg", vg, *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "hunter2" not in run.stderr + run.stdout
+
+
+async def test_short_stream_is_not_published(vg: PowerVMVG, pvm: FakePowerVM) -> None:
+    partial = await vg.create_partial("p_short", 10)
+    await partial.write(b"12345")
+    with pytest.raises(StorageError, match="got 5 bytes, not 10"):
+        await partial.publish("i_short")
+    await partial.discard()
+
+    assert pvm.names() == ["test"]
+    assert not any(c[0] in ("upload", "rename") for c in pvm.calls)
