@@ -444,7 +444,7 @@ class ImageCache:
         raise AssertionError("unreachable: cache_disk_names is endless")
 
     async def _download(self, glance: GlanceClient, info: ImageInfo, entry: CacheEntry) -> int:
-        partial = await self.vg.create_partial(partial_disk_name(info.id), info.size)
+        partial = await self.vg.create_partial(partial_disk_name(info.id), info.size, label=info.id)
         try:
             fetched = await glance.download(info, partial)
             await partial.publish(entry.cache_disk)

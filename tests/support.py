@@ -60,9 +60,11 @@ class GatedVG(FileVG):
         self.full = False
         self.partials_created = 0
 
-    async def create_partial(self, name: str, size: int) -> PartialDisk:
+    async def create_partial(
+        self, name: str, size: int, *, label: str | None = None
+    ) -> PartialDisk:
         self.partials_created += 1
-        return GatedPartial(await super().create_partial(name, size), self)
+        return GatedPartial(await super().create_partial(name, size, label=label), self)
 
     async def capacity(self):  # type: ignore[no-untyped-def]
         real = await super().capacity()

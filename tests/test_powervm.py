@@ -322,6 +322,7 @@ async def test_miss_creates_partial_streams_then_renames_after_the_digest_matche
     assert pvm.content(result.cache_disk) == data
     assert partial not in pvm.names()
     assert await cache.vg.disk_size(result.cache_disk) == len(data)
+    assert pvm.disk(result.cache_disk).label == image  # the full id, beside the index
 
 
 async def test_hit_uploads_nothing_and_copies_once(

@@ -72,8 +72,13 @@ class VolumeGroup(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    async def create_partial(self, name: str, size: int) -> PartialDisk:
-        """Start a new disk of ``size`` bytes under the temporary ``name`` (must be free)."""
+    async def create_partial(
+        self, name: str, size: int, *, label: str | None = None
+    ) -> PartialDisk:
+        """Start a new disk of ``size`` bytes under the temporary ``name`` (must be free).
+
+        ``label`` is the image id, for backends whose disks carry one (PowerVM); the index
+        records it in any case."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -139,7 +139,9 @@ class FileVG(VolumeGroup):
         except FileNotFoundError:
             return None
 
-    async def create_partial(self, name: str, size: int) -> PartialDisk:
+    async def create_partial(
+        self, name: str, size: int, *, label: str | None = None
+    ) -> PartialDisk:
         path = self.path_of(name)
         try:
             handle = await aiofiles.open(path, "xb")
