@@ -42,14 +42,6 @@ T = TypeVar("T")
 _TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("pvmcache_token", default=None)
 
 
-class _ContextGlanceClient(GlanceClient):
-    """A GlanceClient that authenticates as the nova request it serves (``_TOKEN``)."""
-
-    def _headers(self) -> dict[str, str]:
-        token = _TOKEN.get()
-        return {"X-Auth-Token": token} if token else {}
-
-
 def _is_uuid(value: str) -> bool:
     try:
         validate_image_id(value)
@@ -236,8 +228,9 @@ class DriverHook:
             self._cache = ImageCache(open_vg(self.vg_spec), None, self.settings)
         if self._cache.glance is None and url:  # a manager pass needs none, a download does
             gc = self._conf.glance
-            self._cache.glance = _ContextGlanceClient(
+            self._cache.glance = GlanceClient(
                 url,
+                token=_TOKEN.get,
                 ca_file=gc.cafile,
                 verify_tls=not gc.insecure,
                 read_timeout=self._conf[pvm_conf.GROUP].read_timeout,

@@ -150,7 +150,7 @@ class GlanceClient:
         self,
         url: str,
         *,
-        token: str | None = None,
+        token: str | Callable[[], str | None] | None = None,
         ca_file: str | None = None,
         verify_tls: bool = True,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
@@ -179,7 +179,9 @@ class GlanceClient:
         return f"GlanceClient({str(self.url)!r})"
 
     def _headers(self) -> dict[str, str]:
-        return {"X-Auth-Token": self._token} if self._token else {}
+        # a callable gives the token per request: nova's comes with each request context
+        token = self._token() if callable(self._token) else self._token
+        return {"X-Auth-Token": token} if token else {}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
