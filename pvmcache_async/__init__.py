@@ -9,6 +9,7 @@ from .errors import (
     InsufficientSpace,
     IntegrityError,
     InvalidInput,
+    NoGlanceEndpoint,
     StorageError,
 )
 from .glance import GlanceClient
@@ -41,6 +42,7 @@ __all__ = [
     "InsufficientSpace",
     "IntegrityError",
     "InvalidInput",
+    "NoGlanceEndpoint",
     "Outcome",
     "PruneResult",
     "StorageError",

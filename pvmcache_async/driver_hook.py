@@ -26,7 +26,7 @@ from nova.virt import imagecache
 from oslo_config import cfg
 
 from . import conf as pvm_conf
-from .errors import GlanceError, InvalidInput
+from .errors import GlanceError, InvalidInput, NoGlanceEndpoint
 from .glance import GlanceClient
 from .loop_thread import LoopThread
 from .models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
@@ -213,12 +213,21 @@ class DriverHook:
         self._loop.start()  # first: refuses in eventlet mode before anything else happens
         token = getattr(context, "auth_token", None)
         url = None
+        lookup_error: GlanceError | None = None
         if context is not None and (self._cache is None or self._cache.glance is None):
-            url = self._glance_url(context)
+            try:
+                url = self._glance_url(context)
+            except GlanceError as exc:  # a hit needs no Glance: this matters only on a miss
+                lookup_error = exc
 
         async def run() -> T:
             _TOKEN.set(token)
-            return await work(self._open_cache(url))
+            try:
+                return await work(self._open_cache(url))
+            except NoGlanceEndpoint:
+                if lookup_error is not None:
+                    raise lookup_error from None
+                raise
 
         return self._loop.call(run)
 

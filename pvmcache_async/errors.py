@@ -21,6 +21,10 @@ class InvalidInput(CacheError):
     """An argument was malformed: an image id that is not a uuid, a bad VG spec, ..."""
 
 
+class NoGlanceEndpoint(InvalidInput):
+    """An image is not cached and no Glance endpoint is configured to fetch it from."""
+
+
 class GlanceError(CacheError):
     """Talking to Glance failed: transport error, unexpected status, malformed answer."""
 

@@ -28,7 +28,14 @@ from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from .errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, StorageError
+from .errors import (
+    CacheError,
+    DiskExists,
+    InsufficientSpace,
+    InvalidInput,
+    NoGlanceEndpoint,
+    StorageError,
+)
 from .glance import GlanceClient
 from .index import Index
 from .locks import FileLock, SingleFlight
@@ -341,7 +348,7 @@ class ImageCache:
     async def _fill(self, image_id: str) -> _Fill:
         """The one download of a flight: runs as its own task (see ``SingleFlight``)."""
         if self.glance is None:
-            raise InvalidInput(
+            raise NoGlanceEndpoint(
                 "not cached, and no Glance endpoint to fetch it from "
                 "(--glance-url, PVMCACHE_GLANCE_URL)",
                 image_id=image_id,

@@ -210,3 +210,22 @@ def test_a_bad_image_id_is_one_clear_line_and_touches_nothing(
         hook.cache_image(nova_db, "../../etc/passwd")
     assert "\n" not in str(info.value)
     assert vg_files(nova_conf) == []
+
+
+def test_a_cached_image_deploys_even_when_the_glance_endpoint_cannot_be_found(
+    hook: DriverHook, nova_db: Any, glance_server: GlanceServer, nova_conf: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=130))
+    assert hook.cache_image(nova_db, img) is True
+    hook.close()
+    CONF.clear_override("api_servers", "glance")  # a restarted compute, keystone unreachable
+    restarted = DriverHook(CONF)
+    try:
+        meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
+        deployed = restarted.create_disk_from_image(nova_db, make_instance(nova_db, img), meta)
+        assert deployed is not None and deployed.result == "hit"
+        with pytest.raises(GlanceError, match="no Glance endpoint"):  # a miss still says why
+            restarted.cache_image(nova_db, str(uuid.uuid4()))
+    finally:
+        restarted.close()
+    assert glance_server.file_requests(img) == 1
