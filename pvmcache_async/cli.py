@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import aio
 from .errors import CacheError, InvalidInput
@@ -30,16 +30,18 @@ from .transfer import CacheSettings, ImageCache
 PROG = "pvmcache-async"
 _DEFAULTS = CacheSettings()
 _RETRY = RetryPolicy()
+N = TypeVar("N", int, float)
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_number(name: str, default: N, kind: Callable[[str], N]) -> N:
     raw = os.environ.get(name)
     if raw is None:
         return default
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError:
-        raise SystemExit(f"{PROG}: error: {name}={raw!r} is not a number") from None
+        what = "a whole number" if kind is int else "a number"
+        raise SystemExit(f"{PROG}: error: {name}={raw!r} is not {what}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--read-timeout",
         type=float,
-        default=_env_float("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+        default=_env_number("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, float),
         help="seconds a read from Glance may stall [PVMCACHE_READ_TIMEOUT] (default %(default)s)",
     )
     p.add_argument(
         "--retries",
         type=int,
-        default=int(_env_float("PVMCACHE_RETRIES", _RETRY.retries)),
+        default=_env_number("PVMCACHE_RETRIES", _RETRY.retries, int),
         help="failed requests to Glance retried in a row, with backoff, before giving up "
         "[PVMCACHE_RETRIES] (default %(default)s)",
     )
