@@ -31,6 +31,11 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_READ_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
 MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt record, not an image
+# Switches of the download loop, kept so the benchmark can measure each choice (both on is
+# faster: see benchmarks/README.md). Full chunks: wait for chunk_size bytes rather than take
+# whatever one socket read gave (often 64 KiB), so each thread hand-off moves 4 MiB.
+FULL_CHUNKS = True
+HASH_IN_THREAD = True  # hashlib releases the GIL on large buffers: hash beside the write
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGEST_HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
 
@@ -166,15 +171,30 @@ class GlanceClient:
                 self._image_url(image.id, "file"), headers=self._headers()
             ) as resp:
                 _check_status(image.id, resp.status, "image data")
-                async for chunk in resp.content.iter_chunked(self.chunk_size):
+                content = resp.content
+                while True:
+                    if FULL_CHUNKS:
+                        want = min(self.chunk_size, image.size - received) or 1  # 1: overflow?
+                        try:
+                            chunk = await content.readexactly(want)
+                        except asyncio.IncompleteReadError as short:
+                            chunk = short.partial  # the body ended: the length check decides
+                    else:
+                        chunk = await content.read(self.chunk_size)
+                    if not chunk:
+                        break
                     received += len(chunk)
                     if received > image.size:
                         raise IntegrityError(
                             f"Glance sent more than the image's size of {image.size} bytes",
                             image_id=image.id,
                         )
-                    # hashlib releases the GIL on large buffers: hash beside the write
-                    await asyncio.gather(asyncio.to_thread(hasher.update, chunk), sink.write(chunk))
+                    if HASH_IN_THREAD:
+                        write = sink.write(chunk)
+                        await asyncio.gather(asyncio.to_thread(hasher.update, chunk), write)
+                    else:
+                        hasher.update(chunk)
+                        await sink.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(image.id, exc) from exc
         if received != image.size:
