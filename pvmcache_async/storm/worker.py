@@ -51,6 +51,7 @@ class Options:
     clone: CloneMethod = "auto"  # FICLONE, else hole-aware copy
     full_chunks: bool = True  # glance.FULL_CHUNKS
     hash_in_thread: bool = True  # glance.HASH_IN_THREAD
+    max_clones: int | None = None  # CacheSettings.max_clones (None: the product's default)
 
 
 @dataclass(slots=True)
@@ -114,6 +115,12 @@ class TracingGlance(GlanceClient):
         return await super().download(image, _CountingSink(sink, self.tracer))
 
 
+def _settings(job: Job) -> CacheSettings:
+    if job.options.max_clones is None:
+        return CacheSettings()
+    return CacheSettings(max_clones=job.options.max_clones)
+
+
 def _vg(job: Job) -> FileVG:
     return FileVG(Path(job.vg), sparse=job.options.sparse, clone_method=job.options.clone)
 
@@ -124,7 +131,7 @@ def _plan(job: Job) -> list[tuple[str, str]]:
 
 
 async def _cache_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
-    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), CacheSettings())
+    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), _settings(job))
 
     async def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
         r = await cache.deploy(image_id, inst)
@@ -232,7 +239,7 @@ async def _single(job: Job, tracer: Tracer) -> dict[str, Any]:
         finally:
             await glance.close()
         return {"deploys": [[image_id, disk, seconds, "miss"]], "cold_seconds": seconds}
-    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), CacheSettings())
+    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), _settings(job))
     try:
         start = time.monotonic()
         ensured = await cache.ensure(image_id)
