@@ -73,7 +73,7 @@ def fetch_tool() -> str:
 
 
 def measure(
-    file_url: str, size: int, cached: Path | None, scratch: Path, repeats: int = 3
+    file_url: str, size: int, cached: Path | None, scratch: Path, repeats: int = 1
 ) -> list[Reference]:
     out = scratch / "reference.out"
     refs = []

@@ -34,6 +34,8 @@ def format_report(report: StormReport) -> str:
             f"{o['miss']:>7}/{o['joined']}/{o['hit']:<5} "
             f"{r.peak_rss_mib:>6.0f}MiB {r.cpu_seconds:>6.2f}s"
         )
+    starts = ", ".join(f"{r.mode} {r.rss_at_start_mib:.0f} MiB" for r in report.modes)
+    lines.append(f"RSS of each mode's process before it ran (interpreter, imports): {starts}")
     for r in report.modes:
         if r.verified_disks:
             lines.append(f"{r.mode}: {r.verified_disks} instance disks verified byte-identical")
@@ -47,7 +49,7 @@ def format_report(report: StormReport) -> str:
             f"{s['cache_warm_seconds'] or 0:.4f}s, no-cache {s['no_cache_seconds']:.3f}s",
         ]
     if report.references:
-        lines += ["", "references (same run, median of 3):"]
+        lines += ["", f"references (same run, median of {report.single.get('repeats', 3)}):"]
         for ref in report.references:
             lines.append(
                 f"  {ref['name']:20} {ref['seconds']:>8.3f}s {ref['mib_s']:>8.0f} MiB/s  "

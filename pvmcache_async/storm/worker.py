@@ -263,7 +263,19 @@ async def _single(job: Job, tracer: Tracer) -> dict[str, Any]:
     }
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak (``VmHWM``) or current (``VmRSS``) resident set size, in MiB.
+
+    Not ``getrusage``: Linux carries ``ru_maxrss`` over ``execve``, so a child would report
+    its parent's peak if that was higher.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -275,7 +287,7 @@ def _cpu() -> float:
 def run_job(job: Job) -> dict[str, Any]:
     glance_module.FULL_CHUNKS = job.options.full_chunks
     glance_module.HASH_IN_THREAD = job.options.hash_in_thread
-    rss_before = _rss_mib()
+    rss_before = _rss_mib("VmRSS")
     tracer = Tracer()
     cpu0, t0 = _cpu(), time.monotonic()
     if job.mode == "per-image-lock":
