@@ -70,6 +70,17 @@ def _link_new(tmp: Path, final: Path, final_name: str) -> None:
     _fsync_dir(final.parent)
 
 
+def _resize(fd: int, size: int) -> None:
+    """Empty the file, then give it its final size as one hole.
+
+    Writes then land inside the file, never past its end: XFS would otherwise preallocate
+    beyond the end while the file grows, filling the holes sparse ingest skips (measured:
+    a 1 GiB image with 505 MiB of data took 767 MiB of blocks that way, see benchmarks/).
+    """
+    os.ftruncate(fd, 0)
+    os.ftruncate(fd, max(size, 0))
+
+
 def write_sparse(fd: int, offset: int, data: bytes) -> int:
     """Write ``data`` at ``offset``, skipping whole zero blocks (holes); return the new offset.
 
@@ -99,11 +110,12 @@ def write_sparse(fd: int, offset: int, data: bytes) -> int:
 
 
 class FilePartialDisk(PartialDisk):
-    def __init__(self, vg: FileVG, name: str, path: Path, fd: int) -> None:
+    def __init__(self, vg: FileVG, name: str, path: Path, fd: int, size: int) -> None:
         self.name = name
         self._vg = vg
         self._path = path
         self._fd: int | None = fd
+        self._size = size
         self._offset = 0
 
     def _handle(self) -> int:
@@ -128,7 +140,7 @@ class FilePartialDisk(PartialDisk):
             raise _storage_error(f"writing partial disk {self.name}", exc) from exc
 
     async def rewind(self) -> None:
-        await asyncio.to_thread(os.ftruncate, self._handle(), 0)
+        await asyncio.to_thread(_resize, self._handle(), self._size)
         self._offset = 0
 
     async def publish(self, final_name: str) -> None:
@@ -241,7 +253,13 @@ class FileVG(VolumeGroup):
             raise DiskExists(f"partial disk {name} already exists in the volume group") from None
         except OSError as exc:
             raise _storage_error(f"creating partial disk {name}", exc) from exc
-        return FilePartialDisk(self, name, path, fd)
+        try:
+            await asyncio.to_thread(_resize, fd, size)
+        except OSError as exc:
+            os.close(fd)
+            await aiofiles.os.unlink(path)
+            raise _storage_error(f"creating partial disk {name}", exc) from exc
+        return FilePartialDisk(self, name, path, fd, size)
 
     async def clone(self, source: str, target: str) -> None:
         src, dst = self.path_of(source), self.path_of(target)

@@ -44,7 +44,8 @@ def plot(report: StormReport, path: Path) -> None:
                    color=line.get_color(), label=f"{m.mode}: disks done")  # fmt: skip
     lat.set(title="deploy latency by rank", xlabel="deploy (sorted)", ylabel="seconds")
     lat.legend()
-    tl.set(title="timeline", xlabel="seconds since start", ylabel="MiB downloaded from Glance")
+    tl.set(title="timeline", xlabel="seconds since start", ylabel="MiB downloaded (log scale)")
+    tl.set_yscale("symlog", linthresh=1.0)  # one download per image next to one per deploy
     disks.set_ylabel("instance disks completed (dashed)")
     tl.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
