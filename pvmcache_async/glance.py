@@ -31,9 +31,10 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_READ_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
 MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt record, not an image
-# Switches of the download loop, kept so the benchmark can measure each choice (both on is
-# faster: see benchmarks/README.md). Full chunks: wait for chunk_size bytes rather than take
-# whatever one socket read gave (often 64 KiB), so each thread hand-off moves 4 MiB.
+# Switches of the download loop, kept so the benchmark can measure each choice (results in
+# benchmarks/README.md). Full chunks: wait for chunk_size bytes rather than take what the
+# buffer holds (on loopback mostly 4 MiB anyway; less over slower links), so every thread
+# hand-off moves a whole chunk.
 FULL_CHUNKS = True
 HASH_IN_THREAD = True  # hashlib releases the GIL on large buffers: hash beside the write
 _HEX = re.compile(r"[0-9a-f]+")
