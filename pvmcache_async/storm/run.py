@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,11 @@ def run_storm_sync(plan: StormPlan, workdir: Path | None = None) -> StormReport:
 
 
 def _singles(
-    report: StormReport, glance: GlanceServer, root: Path, images: dict[str, str], job: Any
+    report: StormReport,
+    glance: GlanceServer,
+    root: Path,
+    images: dict[str, str],
+    job: Callable[..., Job],
 ) -> None:
     """Cold and warm single deploys of the first image, each configuration ``REPEATS`` times
     in turn (round robin, so that a slow moment of the machine hits them all alike); medians."""
