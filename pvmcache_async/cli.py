@@ -31,6 +31,7 @@ PROG = "pvmcache-async"
 _DEFAULTS = CacheSettings()
 _RETRY = RetryPolicy()
 N = TypeVar("N", int, float)
+_STORM_MODES = ("cache", "no-cache", "per-image-lock")
 
 
 def _env_number(name: str, default: N, kind: Callable[[str], N]) -> N:
@@ -160,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--no-verify", action="store_true", help="skip comparing every disk with its image"
     )
+    st.add_argument(
+        "--modes",
+        default=",".join(_STORM_MODES),
+        help="comma-separated modes to run (default %(default)s)",
+    )
+    st.add_argument(
+        "--no-single",
+        action="store_true",
+        help="skip the single cold/warm deploys and the curl/cp references",
+    )
+    st.add_argument(
+        "--speed", action="store_true", help="also measure each speed choice before and after"
+    )
+    st.add_argument("--plot", type=Path, metavar="FILE.png", help="draw latencies and a timeline")
     st.add_argument("--json", action="store_true")
     return p
 
@@ -227,13 +242,26 @@ async def _storm(args: argparse.Namespace) -> int:
 
     if args.images < 1 or args.deploys < 1:
         raise InvalidInput("storm needs at least one image and one deploy")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = sorted(set(modes) - set(_STORM_MODES))
+    if unknown or not modes:
+        raise InvalidInput(f"unknown storm mode {unknown}: choose from {', '.join(_STORM_MODES)}")
+    if args.plot is not None:
+        from .storm.plot import plot, pyplot
+
+        pyplot()  # fail now, not after the storm
     plan = StormPlan(
         images=args.images,
         image_size=args.image_size,
         deploys=args.deploys,
         verify=not args.no_verify,
+        modes=modes,
+        single=not args.no_single,
+        speed=args.speed,
     )
     report = await run_storm(plan, args.workdir)
+    if args.plot is not None:
+        plot(report, args.plot)
     print(json.dumps(report.as_json()) if args.json else format_report(report))
     return 0
 

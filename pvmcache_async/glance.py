@@ -41,6 +41,12 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_READ_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
 MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt record, not an image
+# Switches of the download loop, kept so the benchmark can measure each choice (results in
+# benchmarks/README.md). Full chunks: wait for chunk_size bytes rather than take what the
+# buffer holds (on loopback mostly 4 MiB anyway; less over slower links), so every thread
+# hand-off moves a whole chunk.
+FULL_CHUNKS = True
+HASH_IN_THREAD = True  # hashlib releases the GIL on large buffers: hash beside the write
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGEST_HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -258,19 +264,32 @@ class GlanceClient:
     async def _stream(self, resp: aiohttp.ClientResponse, progress: _Progress, sink: Sink) -> None:
         """The chunk loop: hash and write each chunk as it arrives."""
         image = progress.image
-        async for chunk in resp.content.iter_chunked(self.chunk_size):
+        while chunk := await self._next_chunk(resp.content, image.size - progress.written):
             if progress.written + len(chunk) > image.size:
                 raise IntegrityError(
                     f"Glance sent more than the image's size of {image.size} bytes",
                     image_id=image.id,
                 )
-            # hashlib releases the GIL on large buffers: hash beside the write
-            await asyncio.gather(
-                asyncio.to_thread(progress.hasher.update, chunk), sink.write(chunk)
-            )
+            if HASH_IN_THREAD:
+                await asyncio.gather(
+                    asyncio.to_thread(progress.hasher.update, chunk), sink.write(chunk)
+                )
+            else:
+                progress.hasher.update(chunk)
+                await sink.write(chunk)
             # counted only once both are done: a drop mid-read loses less than one chunk
             progress.written += len(chunk)
             progress.fetched += len(chunk)
+
+    async def _next_chunk(self, content: aiohttp.StreamReader, left: int) -> bytes:
+        """The next chunk of the body; empty at its end."""
+        if not FULL_CHUNKS:
+            return await content.read(self.chunk_size)
+        try:
+            # a whole chunk per hand-off; asking 1 byte past the end detects an overlong body
+            return await content.readexactly(min(self.chunk_size, left) or 1)
+        except asyncio.IncompleteReadError as short:
+            return short.partial  # the body ended: the length check decides
 
     async def _retrying(
         self,

@@ -1,0 +1,327 @@
+"""One storm job, run in a child process of its own so its peak RSS and CPU are its own.
+
+``python -m pvmcache_async.storm`` reads a :class:`Job` as JSON on stdin and prints its
+result as JSON on stdout. The three ways of deploying:
+
+* ``cache``: this product (``ImageCache.deploy``), asyncio.
+* ``no-cache``: each deploy streams its image from Glance into its own disk, verified by the
+  same client (length and digest), asyncio: what a host does without an image cache.
+* ``per-image-lock``: the nova-powervm design: an OS thread per deploy, a ``threading.Lock``
+  per image around check-or-download, then a full copy of the cached file per deploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import glance as glance_module
+from ..glance import GlanceClient, Sink
+from ..models import ImageInfo
+from ..names import instance_disk_name
+from ..storage.filevg import CloneMethod, FileVG
+from ..transfer import CacheSettings, ImageCache
+from .images import sha256_file
+
+BUCKET = 0.05  # seconds per bar of the bytes-downloaded timeline
+_BLOCK = 4 << 20
+
+
+@dataclass(slots=True)
+class Options:
+    """The speed switches, so one run can measure each before and after."""
+
+    loop: str = "uvloop"  # or "asyncio"
+    sparse: bool = True  # sparse ingest in the file VG
+    clone: CloneMethod = "auto"  # FICLONE, else hole-aware copy
+    full_chunks: bool = True  # glance.FULL_CHUNKS
+    hash_in_thread: bool = True  # glance.HASH_IN_THREAD
+    max_clones: int | None = None  # CacheSettings.max_clones (None: the product's default)
+
+
+@dataclass(slots=True)
+class Job:
+    mode: str  # "cache", "no-cache", "per-image-lock"
+    kind: str  # "storm": all deploys at once; "single": one cold deploy, then warm ones
+    glance_url: str
+    images: dict[str, str]  # image id -> sha256 of its data
+    deploys: int
+    vg: str
+    verify: bool = True
+    warm: int = 0  # single, cache mode: sequential warm deploys after the cold one
+    options: Options = field(default_factory=Options)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Job:
+        return cls(**{**raw, "options": Options(**raw.get("options", {}))})
+
+
+class Tracer:
+    """Bytes downloaded over time, disks completed, and the sizes of the chunks that came."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.buckets: list[int] = []
+        self.done: list[float] = []
+        self.chunks: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def got(self, n: int) -> None:
+        with self._lock:
+            b = int((time.monotonic() - self.start) / BUCKET)
+            if b >= len(self.buckets):
+                self.buckets.extend([0] * (b + 1 - len(self.buckets)))
+            self.buckets[b] += n
+            self.chunks[n] += 1
+
+    def disk_done(self) -> None:
+        with self._lock:
+            self.done.append(time.monotonic() - self.start)
+
+
+class _CountingSink:
+    def __init__(self, inner: Sink, tracer: Tracer) -> None:
+        self._inner, self._tracer = inner, tracer
+
+    async def write(self, chunk: bytes) -> None:
+        self._tracer.got(len(chunk))
+        await self._inner.write(chunk)
+
+    async def rewind(self) -> None:
+        await self._inner.rewind()
+
+
+class TracingGlance(GlanceClient):
+    def __init__(self, url: str, tracer: Tracer) -> None:
+        super().__init__(url)
+        self.tracer = tracer
+
+    async def download(self, image: ImageInfo, sink: Sink) -> int:
+        return await super().download(image, _CountingSink(sink, self.tracer))
+
+
+def _settings(job: Job) -> CacheSettings:
+    if job.options.max_clones is None:
+        return CacheSettings()
+    return CacheSettings(max_clones=job.options.max_clones)
+
+
+def _vg(job: Job) -> FileVG:
+    return FileVG(Path(job.vg), sparse=job.options.sparse, clone_method=job.options.clone)
+
+
+def _plan(job: Job) -> list[tuple[str, str]]:
+    ids = list(job.images)
+    return [(ids[n % len(ids)], str(uuid.uuid4())) for n in range(job.deploys)]
+
+
+async def _cache_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
+    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), _settings(job))
+
+    async def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
+        r = await cache.deploy(image_id, inst)
+        tracer.disk_done()
+        return image_id, r.disk, r.seconds, r.result.value
+
+    try:
+        done = await asyncio.gather(*(one(i, inst) for i, inst in _plan(job)))
+    finally:
+        await cache.close()
+    return {"deploys": [list(d) for d in done]}
+
+
+async def _no_cache_one(
+    glance: GlanceClient, vg: FileVG, image_id: str, inst: str
+) -> tuple[str, str, float, str]:
+    start = time.monotonic()
+    info = await glance.get_image(image_id)
+    disk = instance_disk_name(inst)
+    partial = await vg.create_partial("p" + disk[1:], info.size)
+    try:
+        await glance.download(info, partial)
+        await partial.publish(disk)
+    except BaseException:
+        await partial.discard()
+        raise
+    return image_id, disk, time.monotonic() - start, "miss"
+
+
+async def _no_cache_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
+    glance, vg = TracingGlance(job.glance_url, tracer), _vg(job)
+
+    async def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
+        r = await _no_cache_one(glance, vg, image_id, inst)
+        tracer.disk_done()
+        return r
+
+    try:
+        done = await asyncio.gather(*(one(i, inst) for i, inst in _plan(job)))
+    finally:
+        await glance.close()
+    return {"deploys": [list(d) for d in done]}
+
+
+def _http_download(url: str, image_id: str, dest: Path, tracer: Tracer) -> None:
+    """What a thread of nova-compute does: GET the record, stream the file, check sha512."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("GET", f"/v2/images/{image_id}")
+        record = json.loads(conn.getresponse().read())
+        conn.request("GET", f"/v2/images/{image_id}/file")
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"image {image_id}: Glance answered HTTP {resp.status}")
+        hasher = hashlib.new(record["os_hash_algo"])
+        with open(dest, "wb") as f:
+            while chunk := resp.read(_BLOCK):
+                tracer.got(len(chunk))
+                hasher.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if hasher.hexdigest() != record["os_hash_value"]:
+            raise RuntimeError(f"image {image_id}: checksum mismatch")
+    finally:
+        conn.close()
+
+
+def _lock_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
+    root = Path(job.vg)
+    root.mkdir(parents=True, exist_ok=True)
+    locks = {i: threading.Lock() for i in job.images}
+
+    def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
+        start = time.monotonic()
+        cached = root / f"i_{image_id[:13].replace('-', '_')}"
+        result = "hit"
+        with locks[image_id]:  # check-or-download, one thread at a time per image
+            if not cached.exists():
+                part = root / f"p_{image_id[:13].replace('-', '_')}"
+                _http_download(job.glance_url, image_id, part, tracer)
+                part.rename(cached)
+                result = "miss"
+        disk = instance_disk_name(inst)
+        shutil.copyfile(cached, root / disk)  # a full copy per deploy
+        with open(root / disk, "rb+") as f:
+            os.fsync(f.fileno())
+        tracer.disk_done()
+        return image_id, disk, time.monotonic() - start, result
+
+    plan = _plan(job)
+    with ThreadPoolExecutor(max_workers=len(plan)) as pool:
+        done = list(pool.map(lambda p: one(*p), plan))
+    return {"deploys": [list(d) for d in done]}
+
+
+async def _single(job: Job, tracer: Tracer) -> dict[str, Any]:
+    """One cold deploy of the first image (ensure, then clone), then ``warm`` warm ones."""
+    image_id = next(iter(job.images))
+    if job.mode == "no-cache":
+        glance, vg = TracingGlance(job.glance_url, tracer), _vg(job)
+        try:
+            _, disk, seconds, _ = await _no_cache_one(glance, vg, image_id, str(uuid.uuid4()))
+        finally:
+            await glance.close()
+        return {"deploys": [[image_id, disk, seconds, "miss"]], "cold_seconds": seconds}
+    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), _settings(job))
+    try:
+        start = time.monotonic()
+        ensured = await cache.ensure(image_id)
+        first = await cache.deploy(image_id, str(uuid.uuid4()))
+        cold = time.monotonic() - start
+        deploys = [[image_id, first.disk, cold, ensured.result.value]]
+        warm = []
+        for _ in range(job.warm):
+            r = await cache.deploy(image_id, str(uuid.uuid4()))
+            warm.append(r.seconds)
+            deploys.append([image_id, r.disk, r.seconds, r.result.value])
+    finally:
+        await cache.close()
+    return {
+        "deploys": deploys,
+        "cold_seconds": cold,
+        "ensure_seconds": ensured.seconds,
+        "ensure_result": ensured.result.value,
+        "first_clone_seconds": first.seconds,
+        "warm_seconds": statistics.median(warm) if warm else None,
+    }
+
+
+def _rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak (``VmHWM``) or current (``VmRSS``) resident set size, in MiB.
+
+    Not ``getrusage``: Linux carries ``ru_maxrss`` over ``execve``, so a child would report
+    its parent's peak if that was higher.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    glance_module.FULL_CHUNKS = job.options.full_chunks
+    glance_module.HASH_IN_THREAD = job.options.hash_in_thread
+    rss_before = _rss_mib("VmRSS")
+    tracer = Tracer()
+    cpu0, t0 = _cpu(), time.monotonic()
+    if job.mode == "per-image-lock":
+        if job.kind != "storm":
+            raise ValueError("per-image-lock runs storms only")
+        out = _lock_storm(job, tracer)
+    else:
+        runner = {"storm": _cache_storm if job.mode == "cache" else _no_cache_storm}
+        coro = _single(job, tracer) if job.kind == "single" else runner["storm"](job, tracer)
+        factory = asyncio.new_event_loop
+        if job.options.loop == "uvloop":
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as r:
+            out = r.run(coro)
+    out["makespan"] = time.monotonic() - t0
+    out["cpu_seconds"] = _cpu() - cpu0
+    out["peak_rss_mib"] = _rss_mib()
+    out["rss_at_start_mib"] = rss_before
+    out["timeline"] = {"bucket": BUCKET, "bytes": tracer.buckets, "disks": sorted(tracer.done)}
+    out["chunk_sizes"] = {str(k): v for k, v in tracer.chunks.most_common(6)}
+    out["options"] = asdict(job.options)
+    verified = 0
+    if job.verify:  # after the measurements: reading the disks back is not the storm's cost
+        for image_id, disk, _, _ in out["deploys"]:
+            if sha256_file(Path(job.vg) / disk) != job.images[image_id]:
+                raise RuntimeError(f"instance disk {disk} differs from image {image_id}")
+            verified += 1
+    out["verified_disks"] = verified
+    return out
+
+
+def main() -> int:
+    job = Job.from_json(json.load(sys.stdin))
+    json.dump(run_job(job), sys.stdout)
+    return 0

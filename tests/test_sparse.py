@@ -1,0 +1,119 @@
+"""Sparse ingest and hole-aware clones in the file VG: same bytes, fewer blocks."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from pvmcache_async.errors import StorageError
+from pvmcache_async.storage.filevg import HOLE_BLOCK, FileVG
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def _fs_makes_holes(directory: Path) -> bool:
+    """Whether this filesystem stores a file with a hole in fewer blocks than its size."""
+    probe = directory / ".hole-probe"
+    with open(probe, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(b"x")
+    try:
+        return os.stat(probe).st_blocks * 512 < MiB
+    finally:
+        probe.unlink()
+
+
+def _disks(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def _image(seed: int) -> bytes:
+    """Zero runs of several lengths and alignments, data between, and trailing zeros."""
+    rng = random.Random(seed)
+    parts = [
+        rng.randbytes(100),  # data not aligned to a block
+        bytes(3 * HOLE_BLOCK + 17),
+        rng.randbytes(2 * HOLE_BLOCK),
+        bytes(MiB),
+        b"\0" * 5 + b"\1" + bytes(HOLE_BLOCK),  # a lone non-zero byte inside zeros
+        rng.randbytes(HOLE_BLOCK - 1),
+        bytes(2 * MiB),  # the image ends in zeros: only the final size records them
+    ]
+    return b"".join(parts)
+
+
+async def _ingest(vg: FileVG, name: str, data: bytes, chunk: int) -> None:
+    partial = await vg.create_partial("p_" + name, len(data))
+    for i in range(0, len(data), chunk):
+        await partial.write(data[i : i + chunk])
+    await partial.publish(name)
+
+
+@pytest.mark.parametrize("chunk", [1000, 64 * KiB, 4 * MiB])
+async def test_sparse_ingest_gives_the_same_bytes_whatever_the_chunk_sizes(
+    tmp_path: Path, chunk: int
+) -> None:
+    data = _image(1)
+    vg = FileVG(tmp_path)
+    await _ingest(vg, "i_img", data, chunk)
+    assert (tmp_path / "i_img").read_bytes() == data
+
+
+async def test_sparse_ingest_leaves_zero_runs_as_holes(tmp_path: Path) -> None:
+    if not _fs_makes_holes(tmp_path):
+        pytest.skip("this filesystem does not store holes")
+    data = _image(2)
+    await _ingest(FileVG(tmp_path), "i_sparse", data, 4 * MiB)
+    await _ingest(FileVG(tmp_path, sparse=False), "i_dense", data, 4 * MiB)
+    sparse, dense = (os.stat(tmp_path / n).st_blocks * 512 for n in ("i_sparse", "i_dense"))
+    assert dense >= len(data)
+    assert sparse < len(data) // 2  # about 2.3 of the 6.3 MiB are data
+
+
+async def test_rewind_then_rewrite_leaves_only_the_new_bytes(tmp_path: Path) -> None:
+    vg = FileVG(tmp_path)
+    partial = await vg.create_partial("p_x", 0)
+    await partial.write(random.Random(3).randbytes(MiB))
+    await partial.rewind()
+    await partial.write(bytes(MiB) + b"end")
+    await partial.publish("i_x")
+    assert (tmp_path / "i_x").read_bytes() == bytes(MiB) + b"end"
+
+
+@pytest.mark.parametrize("method", ["auto", "sparse", "copy"])
+async def test_clone_is_byte_identical_to_its_source(tmp_path: Path, method: str) -> None:
+    data = _image(4)
+    vg = FileVG(tmp_path, clone_method=method)  # type: ignore[arg-type]
+    await _ingest(vg, "i_src", data, 256 * KiB)
+    await vg.clone("i_src", "b_dst")
+    assert (tmp_path / "b_dst").read_bytes() == data
+    assert _disks(tmp_path) == ["b_dst", "i_src"]
+
+
+async def test_hole_aware_clone_keeps_the_holes(tmp_path: Path) -> None:
+    if not _fs_makes_holes(tmp_path):
+        pytest.skip("this filesystem does not store holes")
+    data = _image(5)
+    vg = FileVG(tmp_path, clone_method="sparse")
+    await _ingest(vg, "i_src", data, MiB)
+    await vg.clone("i_src", "b_dst")
+    src, dst = (os.stat(tmp_path / n).st_blocks for n in ("i_src", "b_dst"))
+    assert dst <= src
+    assert dst * 512 < len(data) // 2
+
+
+async def test_forced_reflink_clones_or_fails_cleanly(tmp_path: Path) -> None:
+    """Where the filesystem cannot reflink, a forced reflink is a clear error, no debris."""
+    data = _image(6)
+    vg = FileVG(tmp_path, clone_method="reflink")
+    await _ingest(vg, "i_src", data, MiB)
+    try:
+        await vg.clone("i_src", "b_dst")
+    except StorageError as exc:
+        assert "cannot reflink" in str(exc)
+        assert _disks(tmp_path) == ["i_src"]
+    else:
+        assert (tmp_path / "b_dst").read_bytes() == data

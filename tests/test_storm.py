@@ -1,0 +1,111 @@
+"""The storm command end to end on tiny images: every mode, every field, sane values."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MiB = 1 << 20
+IMAGES, SIZE, DEPLOYS = 2, 2 * MiB, 8
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _storm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pvmcache_async", "storm", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def storm(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("storm")
+    plot = out / "storm.png"
+    args = ["--images", str(IMAGES), "--image-size", "2MiB", "--deploys", str(DEPLOYS)]
+    args += ["--speed", "--workdir", str(out), "--json"]
+    if HAVE_MATPLOTLIB:
+        args += ["--plot", str(plot)]
+    proc = _storm(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), out
+
+
+def test_every_mode_reports_every_field(storm: tuple[dict[str, Any], Path]) -> None:
+    report, _ = storm
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert set(modes) == {"cache", "no-cache", "per-image-lock"}
+    for m in modes.values():
+        assert m["deploys"] == DEPLOYS
+        assert m["images"] == IMAGES
+        assert m["unique_image_bytes"] == IMAGES * SIZE
+        assert m["verified_disks"] == DEPLOYS
+        assert 0 < m["p50"] <= m["p95"] <= m["p99"] <= m["makespan"]
+        assert 10 < m["peak_rss_mib"] < 4096
+        assert m["cpu_seconds"] > 0
+        assert sum(m["outcomes"].values()) == DEPLOYS
+        assert len(m["timeline"]["disks"]) == DEPLOYS
+        assert sum(m["timeline"]["bytes"]) == m["glance_bytes"]
+
+
+def test_cache_mode_downloads_each_image_once(storm: tuple[dict[str, Any], Path]) -> None:
+    cache = next(m for m in storm[0]["modes"] if m["mode"] == "cache")
+    assert cache["glance_requests"] == IMAGES
+    assert cache["glance_bytes"] == IMAGES * SIZE
+    assert cache["dedup"] == 1.0
+    assert cache["outcomes"]["miss"] == IMAGES
+
+
+def test_no_cache_mode_downloads_once_per_deploy(storm: tuple[dict[str, Any], Path]) -> None:
+    no_cache = next(m for m in storm[0]["modes"] if m["mode"] == "no-cache")
+    assert no_cache["glance_requests"] == DEPLOYS
+    assert no_cache["glance_bytes"] == DEPLOYS * SIZE
+    assert no_cache["dedup"] == DEPLOYS / IMAGES
+
+
+def test_per_image_lock_mode_downloads_each_image_once(
+    storm: tuple[dict[str, Any], Path],
+) -> None:
+    locked = next(m for m in storm[0]["modes"] if m["mode"] == "per-image-lock")
+    assert locked["glance_requests"] == IMAGES
+    assert locked["outcomes"] == {"miss": IMAGES, "joined": 0, "hit": DEPLOYS - IMAGES}
+
+
+def test_references_single_deploys_and_ratios_are_reported(
+    storm: tuple[dict[str, Any], Path],
+) -> None:
+    report, _ = storm
+    refs = {r["name"]: r for r in report["references"]}
+    assert set(refs) == {"fetch", "fetch_write_verify", "copy", "copy_sync"}
+    assert all(r["seconds"] > 0 and r["bytes"] == SIZE for r in refs.values())
+    single = report["single"]
+    for key in ("cache_cold_seconds", "cache_ensure_seconds", "cache_warm_seconds"):
+        assert single[key] > 0
+    assert single["cache_ensure_seconds"] < single["cache_cold_seconds"]
+    assert {s["choice"] for s in report["speed"]} >= {"dense ingest (zeros written)"}
+    assert report["ratios"]["cache_dedup"] == 1.0
+    assert all(v is not None and v > 0 for v in report["ratios"].values())
+
+
+def test_the_work_directory_is_left_clean(storm: tuple[dict[str, Any], Path]) -> None:
+    assert list(storm[1].iterdir()) == ([storm[1] / "storm.png"] if HAVE_MATPLOTLIB else [])
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="the bench extra (matplotlib) is not installed")
+def test_plot_is_written(storm: tuple[dict[str, Any], Path]) -> None:
+    assert (storm[1] / "storm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_unknown_mode_is_a_one_line_error() -> None:
+    proc = _storm("--modes", "cache,fastest", "--json")
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "fastest" in proc.stderr
