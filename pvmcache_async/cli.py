@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import aio
 from .errors import CacheError, InvalidInput
@@ -45,8 +45,15 @@ def _env_number(name: str, default: N, kind: Callable[[str], N]) -> N:
         raise SystemExit(f"{PROG}: error: {name}={raw!r} is not {what}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too, like every other failure (usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG, description="Cache Glance images in a volume group; deploy instances as clones."
     )
     p.add_argument(

@@ -180,3 +180,19 @@ def test_the_token_never_reaches_output_or_logs(
     )
     assert out.returncode != 0
     assert secret not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["deploy", "3e865d14-8c1e-4c6d-9a1e-7b1b3c2a9f00"], "--instance"),
+        (["frobnicate"], "invalid choice"),
+        (["prune", "--max-bytes", "lots"], "--max-bytes"),
+    ],
+)
+def test_usage_errors_are_one_line_too(tmp_path: Path, args: list[str], words: str) -> None:
+    out = cli(*args, vg=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], out.stderr
+    assert vg_files(tmp_path) == []
