@@ -42,7 +42,10 @@ def test_deploy_json_reports_each_instance(glance_server: GlanceServer, tmp_path
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert sorted(r["instance"] for r in rows) == sorted(insts)
-    assert sorted(r["result"] for r in rows) == ["joined", "joined", "miss"]
+    results = [r["result"] for r in rows]
+    # one download; the others waited on it ("joined") or, if they came after, found it ("hit")
+    assert results.count("miss") == 1 and set(results) <= {"miss", "joined", "hit"}
+    assert glance_server.file_requests(img) == 1
     keys = {"image_id", "instance", "disk", "cache_disk", "result", "bytes_fetched", "seconds"}
     for r in rows:
         assert set(r) == keys

@@ -60,7 +60,8 @@ async def test_storm_of_deploys_downloads_each_image_once(
         assert glance_server.file_requests(img) == 1
         mine = [r for r in results if r.image_id == img]
         assert [r.result for r in mine].count(Outcome.MISS) == 1
-        assert {r.result for r in mine} <= {Outcome.MISS, Outcome.JOINED}
+        # the rest waited on that download, or (arriving after it) found the disk cached
+        assert {r.result for r in mine} <= {Outcome.MISS, Outcome.JOINED, Outcome.HIT}
         assert sum(r.bytes_fetched for r in mine) == len(data[img])
     for r in results:
         disk = (tmp_path / "vg" / r.disk).read_bytes()
