@@ -136,7 +136,7 @@ _CLONE_HELPER = textwrap.dedent(
 
     vg = FileVG(Path(sys.argv[1]))
     tmp = vg.path_of("t_0123456789abc")
-    vg._own_temp(tmp)  # what FileVG.clone does before it copies
+    owner = vg._own_temp(tmp)  # what FileVG.clone does before it copies; held until killed
     with open(tmp, "wb") as f:
         f.write(b"half a clone" * 1000)
     print("cloning", flush=True)

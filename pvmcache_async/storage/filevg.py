@@ -30,6 +30,7 @@ import fcntl
 import os
 import re
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,7 @@ from typing import Literal
 import aiofiles.os
 
 from ..errors import DiskExists, InsufficientSpace, InvalidInput, StorageError
+from ..locks import FileLock
 from ..names import CLONE_PREFIX, MAX_DISK_NAME
 from .base import Capacity, DiskInfo, PartialDisk, VolumeGroup
 
@@ -279,18 +281,12 @@ class FileVG(VolumeGroup):
         except OSError as exc:
             raise _storage_error(f"cloning {source} to {target}", exc) from exc
 
-    def _own_temp(self, tmp: Path) -> tuple[int, Path]:
-        """Lock the owner file of temporary disk ``tmp`` (before ``tmp`` exists)."""
-        lock = self._clone_locks / f"{tmp.name}.lock"
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:  # a sweep may have taken it for an orphan and unlinked it before our flock
-                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                    return fd, lock
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+    def _own_temp(self, tmp: Path) -> FileLock:
+        """Hold the owner lock of temporary disk ``tmp`` (taken before ``tmp`` exists)."""
+        owner = FileLock(self._clone_locks / f"{tmp.name}.lock")
+        while not owner.try_acquire():  # a fresh name: only a sweep's brief look can hold it
+            time.sleep(0.001)
+        return owner
 
     def _copy(self, sfd: int, dfd: int) -> None:
         method = self.clone_method
@@ -310,7 +306,7 @@ class FileVG(VolumeGroup):
     def _clone_sync(self, src: Path, tmp: Path, dst: Path, target: str) -> None:
         if dst.exists():  # fail before copying rather than after
             raise DiskExists(f"disk {target} already exists in the volume group")
-        owner, lock = self._own_temp(tmp)
+        owner = self._own_temp(tmp)
         try:
             sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -325,8 +321,8 @@ class FileVG(VolumeGroup):
                 os.close(sfd)
                 tmp.unlink(missing_ok=True)
         finally:  # the temporary disk is gone before its owner file: never a live one unowned
-            lock.unlink(missing_ok=True)
-            os.close(owner)
+            owner.path.unlink(missing_ok=True)
+            owner.release()
 
     async def remove_dead_temporaries(self) -> list[str]:
         return await asyncio.to_thread(self._remove_dead_temporaries)
@@ -335,38 +331,21 @@ class FileVG(VolumeGroup):
         removed = []
         with os.scandir(self.root) as entries:
             temps = [e.name for e in entries if e.name.startswith(CLONE_PREFIX)]
-        for name in temps:
-            lock = self._clone_locks / f"{name}.lock"
+        # a temporary disk whose owner lock is free (or had no owner file) lost its owner;
+        # then owner files whose temporary disk is already gone and whose owner is dead
+        owners = [self._clone_locks / f"{name}.lock" for name in temps]
+        owners += self._clone_locks.glob(f"{CLONE_PREFIX}*.lock")
+        for path in dict.fromkeys(owners):  # each once, temporaries with a disk first
+            owner = FileLock(path)
+            if not owner.try_acquire():
+                continue  # a live clone
             try:
-                fd: int | None = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = None  # its owner finished meanwhile, or died before this scheme existed
-            try:
-                if fd is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # a live clone
                 with contextlib.suppress(FileNotFoundError):
-                    (self.root / name).unlink()
-                    removed.append(name)
-                lock.unlink(missing_ok=True)
+                    (self.root / path.name.removesuffix(".lock")).unlink()
+                    removed.append(path.name.removesuffix(".lock"))
+                path.unlink(missing_ok=True)  # held: a new owner locks a new file
             finally:
-                if fd is not None:
-                    os.close(fd)
-        # owner files whose temporary disk is gone and whose owner is dead
-        for lock in self._clone_locks.glob(f"{CLONE_PREFIX}*.lock"):
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                lock.unlink(missing_ok=True)
-            except BlockingIOError:
-                pass
-            finally:
-                os.close(fd)
+                owner.release()
         return removed
 
     async def delete(self, name: str) -> None:
