@@ -115,6 +115,8 @@ class ImageCache:
         start = time.monotonic()
         entry = await self._ready(image_id)
         if entry is not None:
+            # also for a deploy, which touches again after its clone: this use shields the
+            # image from a prune in the moment before the deploy takes its shared lock
             await self._db(self._index.touch, image_id, time.time())
             return EnsureResult(
                 image_id, entry.cache_disk, Outcome.HIT, 0, time.monotonic() - start
