@@ -85,6 +85,15 @@ class _StartOver(Exception):
     """The server will not resume: ask again from byte 0 (the sink was rewound)."""
 
 
+class _Cut(Exception):
+    """The body broke off mid-chunk: ``partial`` arrived before ``cause``."""
+
+    def __init__(self, partial: bytes, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.partial = partial
+        self.cause = cause
+
+
 class _TransientStatus(GlanceError):
     """A 5xx or 429 answer: worth another try."""
 
@@ -195,7 +204,9 @@ class GlanceClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
                 timeout=self._timeout,
-                read_bufsize=self.chunk_size,
+                # aiohttp reads ahead up to twice this (plus one socket read) and drops what
+                # it holds when the connection breaks: keep it well under a chunk
+                read_bufsize=_read_bufsize(self.chunk_size),
                 raise_for_status=False,
             )
         return self._session
@@ -223,7 +234,8 @@ class GlanceClient:
         """Stream the image's data into ``sink``; return the bytes it received from Glance.
 
         That is the image's size, plus whatever a restart from byte 0 fetched again (a resume
-        re-reads less than one chunk, which is not counted).
+        re-reads only what aiohttp had read ahead, at most twice its read buffer plus one socket
+        read: less than one chunk at the default size; that is not counted).
 
         A dropped or stalled transfer resumes where the sink ends (``Range``), or starts over
         when the server ignores or refuses ranges; transient failures are retried (see
@@ -265,32 +277,55 @@ class GlanceClient:
     async def _stream(self, resp: aiohttp.ClientResponse, progress: _Progress, sink: Sink) -> None:
         """The chunk loop: hash and write each chunk as it arrives."""
         image = progress.image
-        while chunk := await self._next_chunk(resp.content, image.size - progress.written):
-            if progress.written + len(chunk) > image.size:
-                raise IntegrityError(
-                    f"Glance sent more than the image's size of {image.size} bytes",
-                    image_id=image.id,
-                )
-            if HASH_IN_THREAD:
-                await asyncio.gather(
-                    asyncio.to_thread(progress.hasher.update, chunk), sink.write(chunk)
-                )
-            else:
-                progress.hasher.update(chunk)
-                await sink.write(chunk)
-            # counted only once both are done: a drop mid-read loses less than one chunk
-            progress.written += len(chunk)
-            progress.fetched += len(chunk)
+        while True:
+            try:
+                chunk = await self._next_chunk(resp.content, image.size - progress.written)
+            except _Cut as cut:
+                # keep what arrived before the drop, so that the resume re-reads only what
+                # aiohttp had buffered beyond it (bounded by read_bufsize, see _http)
+                if cut.partial:
+                    await self._take(progress, sink, cut.partial)
+                raise cut.cause from None
+            if not chunk:
+                return
+            await self._take(progress, sink, chunk)
+
+    async def _take(self, progress: _Progress, sink: Sink, chunk: bytes) -> None:
+        """Hash and write one chunk, then count it."""
+        if progress.written + len(chunk) > progress.image.size:
+            raise IntegrityError(
+                f"Glance sent more than the image's size of {progress.image.size} bytes",
+                image_id=progress.image.id,
+            )
+        if HASH_IN_THREAD:
+            await asyncio.gather(
+                asyncio.to_thread(progress.hasher.update, chunk), sink.write(chunk)
+            )
+        else:
+            progress.hasher.update(chunk)
+            await sink.write(chunk)
+        # counted only once both are done: a drop mid-write resumes before this chunk
+        progress.written += len(chunk)
+        progress.fetched += len(chunk)
 
     async def _next_chunk(self, content: aiohttp.StreamReader, left: int) -> bytes:
-        """The next chunk of the body; empty at its end."""
-        if not FULL_CHUNKS:
-            return await content.read(self.chunk_size)
-        try:
-            # a whole chunk per hand-off; asking 1 byte past the end detects an overlong body
-            return await content.readexactly(min(self.chunk_size, left) or 1)
-        except asyncio.IncompleteReadError as short:
-            return short.partial  # the body ended: the length check decides
+        """The next chunk of the body; empty at its end. Raises _Cut when the body breaks."""
+        # a whole chunk per hand-off; asking 1 byte past the end detects an overlong body
+        want = (min(self.chunk_size, left) or 1) if FULL_CHUNKS else self.chunk_size
+        parts: list[bytes] = []
+        got = 0
+        while got < want:
+            try:
+                block = await content.read(want - got)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise _Cut(b"".join(parts), exc) from exc
+            if not block:
+                break  # the body ended: the length check decides
+            parts.append(block)
+            got += len(block)
+            if not FULL_CHUNKS:
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _retrying(
         self,
@@ -345,6 +380,10 @@ class GlanceClient:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+def _read_bufsize(chunk_size: int) -> int:
+    return max(16 << 10, min(chunk_size // 8, 256 << 10))
 
 
 class _Progress:

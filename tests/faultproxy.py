@@ -145,6 +145,9 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        # With no high-water mark, drain() returns only once the transport's own buffer is
+        # empty, so the abort below never discards bytes that body_sent already counted.
+        writer.transport.set_write_buffer_limits(high=0)
         try:
             await self._handle(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
