@@ -3,7 +3,9 @@
 ``ImageCache.ensure(image_id)`` returns the image's cache disk: found in the cache (``hit``),
 downloaded by this call (``miss``), or obtained by waiting on a download already under way in
 this process or another (``joined``). ``ImageCache.deploy(image_id, instance)`` ensures the
-image, then clones the cache disk into the instance's disk.
+image, then clones the cache disk into the instance's disk; where the VG offers it
+(``VolumeGroup.create_copy``), the deploy that starts a download has its disk written by that
+download as the bytes pass instead (a tee, see ``_Rider``), and publishes it once verified.
 
 Locking, per image (``locks``):
 
@@ -55,7 +57,7 @@ from .names import (
     validate_image_id,
     validate_instance_uuid,
 )
-from .storage import VolumeGroup
+from .storage import PartialDisk, VolumeGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +70,9 @@ class CacheSettings:
     max_downloads: int = 4  # images downloaded at once by this process
     max_clones: int = 8  # instance disks cloned at once by this process
     lock_poll: float = 0.005  # first wait between tries of a busy lock file (doubles to 0.1 s)
+    # a cold miss writes the first deploy's disk as the bytes pass, where the VG offers it
+    # (VolumeGroup.create_copy), instead of cloning the cache disk afterwards
+    tee: bool = True
 
     def __post_init__(self) -> None:
         if self.max_downloads < 1 or self.max_clones < 1:
@@ -79,6 +84,74 @@ class _Fill:
     entry: CacheEntry
     outcome: Outcome
     fetched: int
+
+
+class _Rider:
+    """The disk of the deploy that starts a download, written by that download (a tee).
+
+    The copy changes hands once: a download that succeeds hands it to the deploy, which
+    publishes it. A deploy that has left (cancelled, or failed) gets nothing; the download
+    then stops writing the copy and discards it, and the shared download goes on.
+    """
+
+    def __init__(self, disk: str) -> None:
+        self.disk = disk
+        self.left = False
+        self._copy: PartialDisk | None = None
+
+    async def hand_over(self, copy: PartialDisk) -> None:
+        if self.left:
+            await _finish(copy.discard())
+        else:
+            self._copy = copy
+
+    def take(self) -> PartialDisk | None:
+        copy, self._copy = self._copy, None
+        return copy
+
+    async def leave(self) -> None:
+        self.left = True
+        if (copy := self.take()) is not None:
+            await _finish(copy.discard())
+
+
+class _Tee:
+    """A download's sink that also fills the rider's copy.
+
+    The copy is a convenience for one deploy, the download is everyone's: a copy that fails
+    to write, or whose deploy has left, is dropped, and the download goes on without it.
+    """
+
+    def __init__(self, main: PartialDisk, copy: PartialDisk, rider: _Rider) -> None:
+        self.main = main
+        self.copy: PartialDisk | None = copy
+        self._rider = rider
+
+    async def write(self, chunk: bytes) -> None:
+        if self.copy is not None and self._rider.left:
+            await self._drop("its deploy has left")
+        if self.copy is None:
+            return await self.main.write(chunk)
+        main, copy = await asyncio.gather(
+            self.main.write(chunk), self.copy.write(chunk), return_exceptions=True
+        )
+        if isinstance(copy, BaseException) and not isinstance(copy, StorageError):
+            raise copy
+        if isinstance(main, BaseException):
+            raise main
+        if isinstance(copy, StorageError):
+            await self._drop(copy.message)
+
+    async def rewind(self) -> None:
+        await self.main.rewind()
+        if self.copy is not None:
+            await self.copy.rewind()
+
+    async def _drop(self, why: str) -> None:
+        assert self.copy is not None
+        copy, self.copy = self.copy, None
+        log.info("stopped writing %s alongside the download: %s", copy.name, why)
+        await _finish(copy.discard())
 
 
 class ImageCache:
@@ -111,7 +184,10 @@ class ImageCache:
         does not cancel the download the others wait on. An error reaches every caller
         that shared the download and is not remembered: the next call tries again.
         """
-        image_id = validate_image_id(image_id)
+        return await self._ensure(validate_image_id(image_id), None)
+
+    async def _ensure(self, image_id: str, rider: _Rider | None) -> EnsureResult:
+        """``ensure``; a download that this call starts also writes ``rider``'s disk."""
         start = time.monotonic()
         entry = await self._ready(image_id)
         if entry is not None:
@@ -121,7 +197,7 @@ class ImageCache:
             return EnsureResult(
                 image_id, entry.cache_disk, Outcome.HIT, 0, time.monotonic() - start
             )
-        fill, leader = await self._flights.do(image_id, lambda: self._fill(image_id))
+        fill, leader = await self._flights.do(image_id, lambda: self._fill(image_id, rider))
         outcome = fill.outcome if leader else Outcome.JOINED
         fetched = fill.fetched if outcome is Outcome.MISS else 0
         return EnsureResult(
@@ -143,22 +219,27 @@ class ImageCache:
         if await self.vg.disk_size(disk) is not None:
             raise DiskExists(f"instance {instance} already has a disk {disk}", image_id=image_id)
         first: EnsureResult | None = None
-        for _ in range(3):  # a removal may slip in between ensure and the shared lock
-            ensured = await self.ensure(image_id)
+        for attempt in range(3):  # a removal may slip in between ensure and the shared lock
+            ensured, copy = await self._ensure_for(image_id, disk if attempt == 0 else None)
             first = first or ensured
-            async with self._clones, self._image_lock(image_id, shared=True):
-                entry = await self._ready(image_id)
-                if entry is None:
-                    continue
-                # a cancelled deploy leaves no disk: the clone (a thread) ends, then is undone
-                await _complete_or_undo(
-                    self._clone(image_id, entry.cache_disk, disk), lambda: self.vg.delete(disk)
-                )
+            if copy is not None:  # the download wrote this deploy's disk too: no clone
+                await self._publish_copy(image_id, copy, disk)
+                cache_disk = ensured.cache_disk
+            else:
+                async with self._clones, self._image_lock(image_id, shared=True):
+                    entry = await self._ready(image_id)
+                    if entry is None:
+                        continue
+                    # a cancelled deploy leaves no disk: the clone (a thread) ends, then is undone
+                    await _complete_or_undo(
+                        self._clone(image_id, entry.cache_disk, disk), lambda: self.vg.delete(disk)
+                    )
+                cache_disk = entry.cache_disk
             return DeployResult(
                 image_id=image_id,
                 instance=instance,
                 disk=disk,
-                cache_disk=entry.cache_disk,
+                cache_disk=cache_disk,
                 result=first.result,
                 bytes_fetched=first.bytes_fetched,
                 seconds=time.monotonic() - start,
@@ -334,6 +415,30 @@ class ImageCache:
             log.info("removed clones that dead processes left: %s", " ".join(removed))
         return removed
 
+    async def _ensure_for(
+        self, image_id: str, disk: str | None
+    ) -> tuple[EnsureResult, PartialDisk | None]:
+        """``ensure`` for a deploy; a download it starts may also write ``disk`` (a tee): then
+        the unpublished copy comes back with the result, and publishing it is the caller's."""
+        if disk is None or not self.settings.tee:
+            return await self._ensure(image_id, None), None
+        rider = _Rider(disk)
+        try:
+            ensured = await self._ensure(image_id, rider)
+        except BaseException:
+            await rider.leave()
+            raise
+        return ensured, rider.take()
+
+    async def _publish_copy(self, image_id: str, copy: PartialDisk, disk: str) -> None:
+        try:
+            # a cancelled deploy leaves no disk: the publish (threads) ends, then is undone
+            await _complete_or_undo(copy.publish(disk), lambda: self.vg.delete(disk))
+        except BaseException:
+            await _finish(copy.discard())
+            raise
+        await self._db(self._index.touch, image_id, time.time())
+
     async def _clone(self, image_id: str, cache_disk: str, disk: str) -> None:
         await self.vg.clone(cache_disk, disk)
         await self._db(self._index.touch, image_id, time.time())
@@ -347,7 +452,7 @@ class ImageCache:
             return None
         return entry
 
-    async def _fill(self, image_id: str) -> _Fill:
+    async def _fill(self, image_id: str, rider: _Rider | None) -> _Fill:
         """The one download of a flight: runs as its own task (see ``SingleFlight``)."""
         if self.glance is None:
             raise NoGlanceEndpoint(
@@ -370,7 +475,7 @@ class ImageCache:
                 await self._check_space(info)
                 entry = await self._reserve(info)
                 try:
-                    fetched = await self._download(self.glance, info, entry)
+                    fetched, copy = await self._download(self.glance, info, entry, rider)
                 except BaseException:
                     await _finish(self._db(self._index.delete, image_id))
                     raise
@@ -381,8 +486,13 @@ class ImageCache:
                     # unrecorded, the published disk would be nobody's (the index is what makes
                     # a disk the cache's own), so it goes too
                     await _finish(self._unpublish(entry))
+                    if copy is not None:
+                        await _finish(copy.discard())
                     raise
                 cached = True
+                if copy is not None:
+                    assert rider is not None
+                    await rider.hand_over(copy)
                 log.info("cached image %s as %s (%d bytes)", image_id, entry.cache_disk, fetched)
                 return _Fill(
                     replace(entry, state=EntryState.READY, created=now, last_used=now),
@@ -452,15 +562,29 @@ class ImageCache:
                 return entry
         raise AssertionError("unreachable: cache_disk_names is endless")
 
-    async def _download(self, glance: GlanceClient, info: ImageInfo, entry: CacheEntry) -> int:
+    async def _download(
+        self, glance: GlanceClient, info: ImageInfo, entry: CacheEntry, rider: _Rider | None
+    ) -> tuple[int, PartialDisk | None]:
+        """Download into the published cache disk; return the bytes fetched and the rider's
+        copy, complete but unpublished (None when there was none or it was dropped)."""
         partial = await self.vg.create_partial(partial_disk_name(info.id), info.size, label=info.id)
+        tee: _Tee | None = None
         try:
-            fetched = await glance.download(info, partial)
+            if rider is not None and not rider.left:
+                try:
+                    copy = await self.vg.create_copy(rider.disk, info.size)
+                except StorageError as exc:  # the deploy will clone instead
+                    log.info("image %s: no disk written alongside: %s", info.id, exc.message)
+                    copy = None
+                tee = None if copy is None else _Tee(partial, copy, rider)
+            fetched = await glance.download(info, partial if tee is None else tee)
             await partial.publish(entry.cache_disk)
         except BaseException:
             await _finish(partial.discard())
+            if tee is not None and tee.copy is not None:
+                await _finish(tee.copy.discard())
             raise
-        return fetched
+        return fetched, None if tee is None else tee.copy
 
 
 def _unlink_held(lock: FileLock) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pvmcache_async.devglance import GlanceServer
-from pvmcache_async.names import partial_disk_name
+from pvmcache_async.names import CLONE_PREFIX, partial_disk_name
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import disk_image, vg_files
@@ -82,7 +82,11 @@ def test_a_deploy_killed_mid_download_is_cleaned_up_by_the_next_deploy(
         victim.send_signal(signal.SIGKILL)
         victim.communicate(timeout=30)
 
-    assert vg_files(vg) == [partial.name]  # nothing under an i_ or instance disk name
+    # nothing under an i_ or instance disk name: the partial download, and the victim's own
+    # disk that the download was writing alongside, under a temporary t_ name
+    left = vg_files(vg)
+    assert len(left) == 2 and partial.name in left, left
+    assert next(n for n in left if n != partial.name).startswith(CLONE_PREFIX)
     assert [row["state"] for row in _ls(vg)] == ["filling"]
 
     inst = str(uuid.uuid4())

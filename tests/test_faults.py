@@ -413,6 +413,7 @@ async def test_a_deploy_cancelled_mid_clone_leaves_no_instance_disk(
     vg = _HeldCloneVG(tmp_path / "vg")
     cache = ImageCache(vg, _client(glance_server.url))
     try:
+        await cache.ensure(img)  # cached first: a cold deploy writes its disk while downloading
         task = asyncio.create_task(cache.deploy(img, str(uuid.uuid4())))
         await asyncio.wait_for(vg.cloning.wait(), 30)
         task.cancel()

@@ -81,6 +81,17 @@ class VolumeGroup(abc.ABC):
         records it in any case."""
         raise NotImplementedError
 
+    async def create_copy(self, target: str, size: int) -> PartialDisk | None:
+        """A disk for ``target`` to fill alongside a download of ``size`` bytes, or None.
+
+        The cache writes the first deploy's disk with the same bytes as the cache disk while
+        they stream in (a tee), so that deploy needs no clone afterwards. The partial lives
+        under a temporary name that ``remove_dead_temporaries`` clears after a crash; its
+        ``publish(target)`` is the deploy's. None (the default) where a clone after the
+        download costs less than writing the data twice: a server-side or copy-on-write copy.
+        """
+        return None
+
     @abc.abstractmethod
     async def clone(self, source: str, target: str) -> None:
         """Create disk ``target`` as a full copy of ``source``; atomic, never replaces."""

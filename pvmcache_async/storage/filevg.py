@@ -117,13 +117,22 @@ def write_sparse(fd: int, offset: int, data: bytes) -> int:
 
 
 class FilePartialDisk(PartialDisk):
-    def __init__(self, vg: FileVG, name: str, path: Path, fd: int, size: int) -> None:
+    def __init__(
+        self, vg: FileVG, name: str, path: Path, fd: int, size: int, owner: FileLock | None
+    ) -> None:
         self.name = name
         self._vg = vg
         self._path = path
         self._fd: int | None = fd
         self._size = size
         self._offset = 0
+        self._owner = owner  # a temporary disk's owner lock, held until the file is gone
+
+    def _disown(self) -> None:
+        if self._owner is not None:
+            owner, self._owner = self._owner, None
+            owner.path.unlink(missing_ok=True)
+            owner.release()
 
     def _handle(self) -> int:
         if self._fd is None:
@@ -161,6 +170,7 @@ class FilePartialDisk(PartialDisk):
             await asyncio.to_thread(_link_new, self._path, final, final_name)
         except OSError as exc:
             raise _storage_error(f"publishing {self.name} as {final_name}", exc) from exc
+        self._disown()
 
     async def discard(self) -> None:
         if self._fd is not None:
@@ -169,6 +179,7 @@ class FilePartialDisk(PartialDisk):
                 os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             await aiofiles.os.unlink(self._path)
+        self._disown()
 
 
 def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
@@ -207,11 +218,30 @@ def reflink(sfd: int, dfd: int) -> bool:
     return True
 
 
+def _probe_reflink(directory: Path) -> bool:
+    """Whether FICLONE works between two files in ``directory`` (one block of data)."""
+    fds: list[int] = []
+    try:
+        for _ in range(2):
+            fds.append(os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600))
+        os.pwrite(fds[0], b"\1" * HOLE_BLOCK, 0)
+        return reflink(fds[0], fds[1])
+    except OSError:
+        return False  # no O_TMPFILE or no FICLONE here: a clone will find out for itself
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 class FileVG(VolumeGroup):
     """A volume group kept as a directory of regular files."""
 
     def __init__(
-        self, root: Path, *, sparse: bool = True, clone_method: CloneMethod = "auto"
+        self,
+        root: Path,
+        *,
+        sparse: bool = True,
+        clone_method: CloneMethod = "auto",
     ) -> None:
         self.root = root
         self.sparse = sparse  # zero blocks of a download become holes
@@ -255,6 +285,22 @@ class FileVG(VolumeGroup):
     async def create_partial(
         self, name: str, size: int, *, label: str | None = None
     ) -> PartialDisk:
+        return await self._create(name, size, None)
+
+    async def create_copy(self, target: str, size: int) -> PartialDisk | None:
+        self.path_of(target)  # a bad name fails now, not after the download
+        if await asyncio.to_thread(self._reflinks):
+            return None  # a reflink clone is free and shares the blocks; a tee would not
+        tmp = self._temp_path()
+        owner = await asyncio.to_thread(self._own_temp, tmp)
+        try:
+            return await self._create(tmp.name, size, owner)
+        except BaseException:
+            owner.path.unlink(missing_ok=True)
+            owner.release()
+            raise
+
+    async def _create(self, name: str, size: int, owner: FileLock | None) -> FilePartialDisk:
         path = self.path_of(name)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
@@ -269,11 +315,22 @@ class FileVG(VolumeGroup):
             os.close(fd)
             await aiofiles.os.unlink(path)
             raise _storage_error(f"creating partial disk {name}", exc) from exc
-        return FilePartialDisk(self, name, path, fd, size)
+        return FilePartialDisk(self, name, path, fd, size, owner)
+
+    def _temp_path(self) -> Path:
+        return self.path_of((CLONE_PREFIX + secrets.token_hex(8))[:MAX_DISK_NAME])
+
+    def _reflinks(self) -> bool:
+        """Whether clones here will be reflinks: learnt by the first clone, or by a probe."""
+        if self.clone_method not in ("auto", "reflink"):
+            return False
+        if self._reflink_works is None:
+            self._reflink_works = _probe_reflink(self.state_dir)
+        return self._reflink_works
 
     async def clone(self, source: str, target: str) -> None:
         src, dst = self.path_of(source), self.path_of(target)
-        tmp = self.path_of((CLONE_PREFIX + secrets.token_hex(8))[:MAX_DISK_NAME])
+        tmp = self._temp_path()
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._clone_threads, self._clone_sync, src, tmp, dst, target

@@ -44,8 +44,8 @@ def format_report(report: StormReport) -> str:
         lines += [
             "",
             f"single deploys of one {s['image_size'] / (1 << 20):.0f} MiB image: "
-            f"cold {s['cache_cold_seconds']:.3f}s (ingest {s['cache_ensure_seconds']:.3f}s "
-            f"+ clone {s['cache_first_clone_seconds']:.3f}s), warm "
+            f"cold {s['cache_cold_seconds']:.3f}s (ingest alone {s['cache_ensure_seconds']:.3f}s), "
+            f"warm "
             f"{s['cache_warm_seconds'] or 0:.4f}s, no-cache {s['no_cache_seconds']:.3f}s",
         ]
     if report.references:
