@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 from pvmcache_async.errors import StorageError
+from pvmcache_async.storage import filevg
 from pvmcache_async.storage.filevg import HOLE_BLOCK, FileVG
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -52,12 +54,13 @@ async def _ingest(vg: FileVG, name: str, data: bytes, chunk: int) -> None:
     await partial.publish(name)
 
 
+@pytest.mark.parametrize("writeback", [True, False])
 @pytest.mark.parametrize("chunk", [1000, 64 * KiB, 4 * MiB])
 async def test_sparse_ingest_gives_the_same_bytes_whatever_the_chunk_sizes(
-    tmp_path: Path, chunk: int
+    tmp_path: Path, chunk: int, writeback: bool
 ) -> None:
     data = _image(1)
-    vg = FileVG(tmp_path)
+    vg = FileVG(tmp_path, writeback=writeback)
     await _ingest(vg, "i_img", data, chunk)
     assert (tmp_path / "i_img").read_bytes() == data
 
@@ -83,10 +86,15 @@ async def test_rewind_then_rewrite_leaves_only_the_new_bytes(tmp_path: Path) -> 
     assert (tmp_path / "i_x").read_bytes() == bytes(MiB) + b"end"
 
 
+@pytest.mark.parametrize("writeback", [True, False])
 @pytest.mark.parametrize("method", ["auto", "sparse", "copy"])
-async def test_clone_is_byte_identical_to_its_source(tmp_path: Path, method: str) -> None:
+async def test_clone_is_byte_identical_to_its_source(
+    tmp_path: Path, method: str, writeback: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pieces smaller than the data extents, so a clone's writeback goes piece by piece
+    monkeypatch.setattr(filevg, "WRITEBACK_PIECE", 40 * KiB)
     data = _image(4)
-    vg = FileVG(tmp_path, clone_method=method)  # type: ignore[arg-type]
+    vg = FileVG(tmp_path, clone_method=method, writeback=writeback)  # type: ignore[arg-type]
     await _ingest(vg, "i_src", data, 256 * KiB)
     await vg.clone("i_src", "b_dst")
     assert (tmp_path / "b_dst").read_bytes() == data
@@ -117,3 +125,33 @@ async def test_forced_reflink_clones_or_fails_cleanly(tmp_path: Path) -> None:
         assert _disks(tmp_path) == ["i_src"]
     else:
         assert (tmp_path / "b_dst").read_bytes() == data
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range is Linux's")
+def test_early_writeback_is_bound_to_the_kernel_on_linux(tmp_path: Path) -> None:
+    assert filevg.HAVE_WRITEBACK  # else every publish would silently flush all its data
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * MiB)
+        filevg.start_writeback(f.fileno(), 0, MiB)  # no error from the kernel to raise
+
+
+async def test_a_copy_alongside_a_download_is_offered_exactly_where_clones_are_not_reflinks(
+    tmp_path: Path,
+) -> None:
+    data = _image(7)
+    await _ingest(FileVG(tmp_path), "i_src", data, MiB)
+    try:
+        await FileVG(tmp_path, clone_method="reflink").clone("i_src", "b_ref")
+        reflinks = True
+    except StorageError:
+        reflinks = False
+    vg = FileVG(tmp_path)
+    copy = await vg.create_copy("b_tee", len(data))
+    assert (copy is None) == reflinks
+    if copy is not None:  # an owned temporary: discarded, it leaves nothing
+        await copy.write(data)
+        await copy.discard()
+    assert _disks(tmp_path) == (["b_ref", "i_src"] if reflinks else ["i_src"])
+    forced = await FileVG(tmp_path, clone_method="sparse").create_copy("b_x", 1)
+    assert forced is not None  # hole-aware copies asked for: a tee even where reflinks work
+    await forced.discard()

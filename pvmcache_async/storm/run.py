@@ -32,6 +32,7 @@ INGEST_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("socket-sized chunks (read(n))", {"full_chunks": False}),
     ("dense ingest (zeros written)", {"sparse": False}),
     ("asyncio loop instead of uvloop", {"loop": "asyncio"}),
+    ("no early writeback (publish's fsync writes it all)", {"writeback": False}),
 ]
 COLD_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("first deploy cloned after the download (no tee)", {"tee": False}),

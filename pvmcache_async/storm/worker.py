@@ -53,6 +53,7 @@ class Options:
     hash_in_thread: bool = True  # glance.HASH_IN_THREAD
     max_clones: int | None = None  # CacheSettings.max_clones (None: the product's default)
     tee: bool = True  # CacheSettings.tee: a cold deploy's disk written during the download
+    writeback: bool = True  # FileVG.writeback: each chunk's writeback started as it lands
 
 
 @dataclass(slots=True)
@@ -124,7 +125,8 @@ def _settings(job: Job) -> CacheSettings:
 
 def _vg(job: Job, root: Path | None = None) -> FileVG:
     root = Path(job.vg) if root is None else root
-    return FileVG(root, sparse=job.options.sparse, clone_method=job.options.clone)
+    o = job.options
+    return FileVG(root, sparse=o.sparse, clone_method=o.clone, writeback=o.writeback)
 
 
 def _plan(job: Job) -> list[tuple[str, str]]:
