@@ -39,6 +39,7 @@ COLD_VARIANTS: list[tuple[str, dict[str, Any]]] = [
 ]
 CLONE_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("full copy (copy_file_range)", {"clone": "copy"}),
+    ("clone without early writeback", {"writeback": False}),
 ]
 
 
