@@ -145,7 +145,10 @@ class _Tee:
     async def rewind(self) -> None:
         await self.main.rewind()
         if self.copy is not None:
-            await self.copy.rewind()
+            try:
+                await self.copy.rewind()
+            except StorageError as exc:
+                await self._drop(exc.message)
 
     async def _drop(self, why: str) -> None:
         assert self.copy is not None

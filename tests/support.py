@@ -26,17 +26,14 @@ def vg_files(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-class GatedPartial(PartialDisk):
-    """A real file-VG partial disk whose first write waits until the gate opens."""
+class PassedPartial(PartialDisk):
+    """A real partial disk, every call passed through; subclasses change what they test."""
 
-    def __init__(self, inner: PartialDisk, vg: GatedVG) -> None:
+    def __init__(self, inner: PartialDisk) -> None:
         self.name = inner.name
         self._inner = inner
-        self._vg = vg
 
     async def write(self, chunk: bytes) -> None:
-        self._vg.writing.set()
-        await self._vg.gate.wait()
         await self._inner.write(chunk)
 
     async def rewind(self) -> None:
@@ -47,6 +44,19 @@ class GatedPartial(PartialDisk):
 
     async def discard(self) -> None:
         await self._inner.discard()
+
+
+class GatedPartial(PassedPartial):
+    """A real file-VG partial disk whose first write waits until the gate opens."""
+
+    def __init__(self, inner: PartialDisk, vg: GatedVG) -> None:
+        super().__init__(inner)
+        self._vg = vg
+
+    async def write(self, chunk: bytes) -> None:
+        self._vg.writing.set()
+        await self._vg.gate.wait()
+        await self._inner.write(chunk)
 
 
 class GatedVG(FileVG):

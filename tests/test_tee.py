@@ -23,17 +23,16 @@ from pvmcache_async.storage.filevg import FileVG
 from pvmcache_async.transfer import CacheSettings
 
 from .faultproxy import FaultProxy, stall
-from .support import disk_image, vg_files
+from .support import PassedPartial, disk_image, vg_files
 
 MiB = 1 << 20
 
 
-class _Partial(PartialDisk):
+class _FillingPartial(PassedPartial):
     """A real file-VG partial disk that reports a full disk once ``fail_after`` bytes came."""
 
     def __init__(self, inner: PartialDisk, fail_after: int) -> None:
-        self.name = inner.name
-        self._inner = inner
+        super().__init__(inner)
         self._left = fail_after
 
     async def write(self, chunk: bytes) -> None:
@@ -41,15 +40,6 @@ class _Partial(PartialDisk):
         if self._left < 0:
             raise InsufficientSpace(f"writing partial disk {self.name}: no space left")
         await self._inner.write(chunk)
-
-    async def rewind(self) -> None:
-        await self._inner.rewind()
-
-    async def publish(self, final_name: str) -> None:
-        await self._inner.publish(final_name)
-
-    async def discard(self) -> None:
-        await self._inner.discard()
 
 
 class _VG(FileVG):
@@ -73,7 +63,7 @@ class _VG(FileVG):
         self.copies += copy is not None
         if copy is None or self._fails_after is None:
             return copy
-        return _Partial(copy, self._fails_after)
+        return _FillingPartial(copy, self._fails_after)
 
 
 @pytest.fixture
