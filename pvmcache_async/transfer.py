@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from .errors import (
     NoGlanceEndpoint,
     StorageError,
 )
-from .glance import GlanceClient
+from .glance import GlanceClient, Sink
 from .index import Index
 from .locks import FileLock, SingleFlight
 from .models import (
@@ -84,6 +84,30 @@ class _Fill:
     entry: CacheEntry
     outcome: Outcome
     fetched: int
+
+
+@dataclass(slots=True)
+class _Claim:
+    """The room a download under way will still take: its size less what it has written."""
+
+    size: int
+    written: int = 0
+
+
+class _Counted:
+    """A download's sink that keeps its claim's count of bytes written."""
+
+    def __init__(self, inner: Sink, claim: _Claim) -> None:
+        self._inner = inner
+        self._claim = claim
+
+    async def write(self, chunk: bytes) -> None:
+        await self._inner.write(chunk)
+        self._claim.written += len(chunk)
+
+    async def rewind(self) -> None:
+        await self._inner.rewind()
+        self._claim.written = 0
 
 
 class _Rider:
@@ -174,6 +198,7 @@ class ImageCache:
         self._index = Index(vg.state_dir / "index.sqlite")
         self._flights: SingleFlight[str, _Fill] = SingleFlight()
         self._downloads = asyncio.Semaphore(self.settings.max_downloads)
+        self._claims: list[_Claim] = []  # room promised to the downloads under way
         self._clones = asyncio.Semaphore(self.settings.max_clones)
         self._swept = False
 
@@ -475,7 +500,6 @@ class ImageCache:
                     cached = True
                     return _Fill(entry, Outcome.JOINED if waited else Outcome.HIT, 0)
                 info = await self.glance.get_image(image_id)
-                await self._check_space(info)
                 entry = await self._reserve(info)
                 try:
                     fetched, copy = await self._download(self.glance, info, entry, rider)
@@ -537,13 +561,24 @@ class ImageCache:
         await self._db(self._index.delete, image_id)
         return None
 
-    async def _check_space(self, info: ImageInfo) -> None:
+    @contextlib.asynccontextmanager
+    async def _space_for(self, info: ImageInfo) -> AsyncIterator[_Claim]:
+        """Refuse a download up front unless the VG has room for the image besides what the
+        downloads under way in this process have still to write; hold the claim meanwhile."""
         free = (await self.vg.capacity()).free
-        if free < info.size:
+        promised = sum(c.size - c.written for c in self._claims)
+        if free - promised < info.size:
             raise InsufficientSpace(
-                f"needs {info.size} bytes but the volume group has {free} bytes free",
+                f"needs {info.size} bytes but the volume group has {free} bytes free"
+                + (f", {promised} of them promised to downloads under way" if promised else ""),
                 image_id=info.id,
             )
+        claim = _Claim(info.size)  # no await since the sum: no other claim slipped in
+        self._claims.append(claim)
+        try:
+            yield claim
+        finally:
+            self._claims.remove(claim)
 
     async def _reserve(self, info: ImageInfo) -> CacheEntry:
         """Record a ``filling`` entry under the first cache disk name that is free."""
@@ -570,23 +605,27 @@ class ImageCache:
     ) -> tuple[int, PartialDisk | None]:
         """Download into the published cache disk; return the bytes fetched and the rider's
         copy, complete but unpublished (None when there was none or it was dropped)."""
-        partial = await self.vg.create_partial(partial_disk_name(info.id), info.size, label=info.id)
-        tee: _Tee | None = None
-        try:
-            if rider is not None and not rider.left:
-                try:
-                    copy = await self.vg.create_copy(rider.disk, info.size)
-                except StorageError as exc:  # the deploy will clone instead
-                    log.info("image %s: no disk written alongside: %s", info.id, exc.message)
-                    copy = None
-                tee = None if copy is None else _Tee(partial, copy, rider)
-            fetched = await glance.download(info, partial if tee is None else tee)
-            await partial.publish(entry.cache_disk)
-        except BaseException:
-            await _finish(partial.discard())
-            if tee is not None and tee.copy is not None:
-                await _finish(tee.copy.discard())
-            raise
+        async with self._space_for(info) as claim:
+            partial = await self.vg.create_partial(
+                partial_disk_name(info.id), info.size, label=info.id
+            )
+            tee: _Tee | None = None
+            try:
+                if rider is not None and not rider.left:
+                    try:
+                        copy = await self.vg.create_copy(rider.disk, info.size)
+                    except StorageError as exc:  # the deploy will clone instead
+                        log.info("image %s: no disk written alongside: %s", info.id, exc.message)
+                        copy = None
+                    tee = None if copy is None else _Tee(partial, copy, rider)
+                sink = _Counted(partial if tee is None else tee, claim)
+                fetched = await glance.download(info, sink)
+                await partial.publish(entry.cache_disk)
+            except BaseException:
+                await _finish(partial.discard())
+                if tee is not None and tee.copy is not None:
+                    await _finish(tee.copy.discard())
+                raise
         return fetched, None if tee is None else tee.copy
 
 

@@ -68,6 +68,7 @@ class GatedVG(FileVG):
         self.gate = asyncio.Event()
         self.writing = asyncio.Event()
         self.full = False
+        self.free: int | None = None  # report this many bytes free instead of the truth
         self.partials_created = 0
 
     async def create_partial(
@@ -78,7 +79,8 @@ class GatedVG(FileVG):
 
     async def capacity(self):  # type: ignore[no-untyped-def]
         real = await super().capacity()
-        return type(real)(total=real.total, free=0) if self.full else real
+        free = 0 if self.full else self.free
+        return real if free is None else type(real)(total=real.total, free=free)
 
 
 def write_random_file(path: Path, size: int) -> None:

@@ -344,9 +344,10 @@ def _unshare_works() -> bool:
 def test_a_disk_that_fills_mid_download_loses_the_partial_and_says_so(
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:
-    # Two 3 MiB images fit one at a time into a 5 MiB tmpfs, not both. The proxy holds both
-    # data responses until both have been asked for, so both downloads have passed the free
-    # space check up front and at least one meets a real ENOSPC from the kernel.
+    # Two 3 MiB images fit one at a time into a 5 MiB tmpfs, not both. Two processes prefetch
+    # one each (one process would refuse the second up front: the first holds a claim on the
+    # room). The proxy holds both data responses until both have been asked for, so both
+    # downloads have passed the free space check up front and one meets a real ENOSPC.
     # all random: zero runs would become holes (sparse ingest) and both would fit
     data = [random.Random(50 + i).randbytes(3 * MiB) for i in range(2)]
     imgs = [glance_server.create_image(d) for d in data]
@@ -359,8 +360,12 @@ def test_a_disk_that_fills_mid_download_loses_the_partial_and_says_so(
             proxy.plan(img, stall(after=0))
         cli = [sys.executable, "-m", "pvmcache_async", "--glance-url", proxy.url]
         script = (
-            f'mount -t tmpfs -o size=5m tmpfs "{vg}" && '
-            f'{" ".join(cli)} --vg "file:{vg}" prefetch {" ".join(imgs)}; echo "rc=$?"; '
+            f'mount -t tmpfs -o size=5m tmpfs "{vg}" && {{ '
+            + "".join(
+                f'( {" ".join(cli)} --vg "file:{vg}" prefetch {img}; echo "rc=$?" ) & '
+                for img in imgs
+            )
+            + "wait; }; "
             f'cd "{vg}" && for f in *; do [ -f "$f" ] || continue; '
             'echo "$f $(sha256sum < "$f" | cut -c1-64)"; done'
         )

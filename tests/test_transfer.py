@@ -81,6 +81,26 @@ async def test_a_later_deploy_is_a_hit_that_fetches_nothing(
     assert glance_server.file_requests(img) == 1
 
 
+async def test_room_promised_to_a_download_under_way_is_not_promised_again(
+    gated: ImageCache, glance_server: GlanceServer
+) -> None:
+    a, b = (glance_server.create_image(disk_image(MiB, seed=s)) for s in (20, 21))
+    vg = gated.vg
+    assert isinstance(vg, GatedVG)
+    vg.free, vg.gate = MiB + MiB // 2, asyncio.Event()  # room for one of the two, not both
+    first = asyncio.create_task(gated.ensure(a))
+    await asyncio.wait_for(vg.writing.wait(), 30)  # a's download is under way, nothing written
+
+    with pytest.raises(InsufficientSpace, match="promised to downloads under way") as refused:
+        await asyncio.wait_for(gated.ensure(b), 30)
+    assert b in str(refused.value)
+    assert glance_server.file_requests(b) == 0 and vg.partials_created == 1
+
+    vg.gate.set()
+    assert (await first).result is Outcome.MISS
+    assert (await gated.ensure(b)).result is Outcome.MISS  # nothing is promised any more
+
+
 async def test_an_error_reaches_every_waiter_and_the_next_call_retries(
     gated: ImageCache, glance_server: GlanceServer
 ) -> None:
