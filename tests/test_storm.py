@@ -6,10 +6,14 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pvmcache_async.storm.report import TARGET_STORM_DEPLOYS, format_report
+from pvmcache_async.storm.run import StormReport
 
 MiB = 1 << 20
 IMAGES, SIZE, DEPLOYS = 2, 2 * MiB, 8
@@ -95,6 +99,21 @@ def test_references_single_deploys_and_ratios_are_reported(
     }
     assert report["ratios"]["cache_dedup"] == 1.0
     assert all(v is not None and v > 0 for v in report["ratios"].values())
+
+
+def test_the_text_report_judges_the_storm_targets_only_at_their_size(
+    storm: tuple[dict[str, Any], Path],
+) -> None:
+    report = StormReport.from_json(storm[0])
+    small = format_report(report)
+    assert "cache_dedup" in small and "(>= 1.0: met)" in small
+    assert small.count(f"deploys; not judged at {DEPLOYS})") == 2
+    report.plan = replace(report.plan, deploys=TARGET_STORM_DEPLOYS)
+    report.ratios["makespan_per_image_lock_over_cache"] = 0.5
+    full = format_report(report)
+    assert "not judged" not in full
+    line = next(x for x in full.splitlines() if "makespan_per_image_lock_over_cache" in x)
+    assert line.split()[1:] == ["0.500", "(>=", "1.0:", "NOT", "met)"]
 
 
 def test_the_work_directory_is_left_clean(storm: tuple[dict[str, Any], Path]) -> None:

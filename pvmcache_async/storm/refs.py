@@ -37,10 +37,17 @@ class Reference:
         return self.bytes / (1 << 20) / self.seconds if self.seconds > 0 else 0.0
 
 
+def settle() -> None:
+    """Let earlier writes reach the disk first, so none of them is still in flight during
+    (and billed to) the next measurement."""
+    os.sync()
+
+
 def _timed(fn: Callable[[], object], repeats: int, setup: Callable[[], object] = list) -> float:
     times = []
     for _ in range(repeats):
         setup()  # not timed
+        settle()
         start = time.monotonic()
         fn()
         times.append(time.monotonic() - start)

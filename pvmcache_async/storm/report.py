@@ -12,6 +12,10 @@ _TARGETS = {  # ratio -> (target, True if the ratio must be at least the target)
     "makespan_no_cache_over_cache": (5.0, True),
     "makespan_per_image_lock_over_cache": (1.0, True),
 }
+# The issue sets the makespan targets for a storm of 200 deploys; a smaller storm (the demo's)
+# is over before the download and clone pipelines fill, so it is reported but not judged.
+_STORM_RATIOS = ("makespan_no_cache_over_cache", "makespan_per_image_lock_over_cache")
+TARGET_STORM_DEPLOYS = 200
 
 
 def format_report(report: StormReport) -> str:
@@ -73,5 +77,10 @@ def format_report(report: StormReport) -> str:
                 met = value >= target[0] if target[1] else value <= target[0]
                 sign = ">=" if target[1] else "<="
                 verdict = f"  ({sign} {target[0]}: {'met' if met else 'NOT met'})"
+                if name in _STORM_RATIOS and p.deploys < TARGET_STORM_DEPLOYS:
+                    verdict = (
+                        f"  ({sign} {target[0]} is the target for {TARGET_STORM_DEPLOYS} "
+                        f"deploys; not judged at {p.deploys})"
+                    )
             lines.append(f"  {name:38} {value:8.3f}{verdict}")
     return "\n".join(lines)
