@@ -1,8 +1,9 @@
 """Concurrency primitives: singleflight within a process, file locks across processes.
 
-``SingleFlight`` makes concurrent calls for one key share one execution. ``FileLock`` is an
-advisory ``flock`` on a file, shared or exclusive, that holds between processes (and between
-tasks of one process: each holder opens its own file description).
+``SingleFlight`` makes concurrent calls for one key share one execution. ``SharedRead`` makes
+concurrent reads of one slow source share one read that began after each of them was asked
+for. ``FileLock`` is an advisory ``flock`` on a file, shared or exclusive, that holds between
+processes (and between tasks of one process: each holder opens its own file description).
 """
 
 from __future__ import annotations
@@ -63,6 +64,51 @@ class SingleFlight(Generic[K, V]):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class SharedRead(Generic[V]):
+    """Concurrent calls share one call of ``read``, and each gets a read begun after it asked.
+
+    Unlike ``SingleFlight``, a caller never joins a read already under way, whose answer may
+    predate what the caller has just done (a disk it has just made or removed). It waits for
+    the next one, which starts when the current one ends and serves everyone who asked
+    meanwhile: at most one read runs at a time, and a caller waits for at most two. As in
+    ``SingleFlight``, a read runs in a task of its own: a cancelled caller leaves and the read
+    goes on for the others; an exception reaches the callers of that read only.
+    """
+
+    def __init__(self, read: Callable[[], Awaitable[V]]) -> None:
+        self._read = read
+        self._next: asyncio.Future[V] | None = None  # the read the callers now wait for
+        self._runner: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> V:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        waiting = self._next
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self._run())
+        return await asyncio.shield(waiting)
+
+    async def _run(self) -> None:
+        try:
+            while self._next is not None:
+                serving, self._next = self._next, None  # who asks from now on waits for the next
+                try:
+                    value = await self._read()
+                except asyncio.CancelledError:  # at shutdown: its callers are cancelled too
+                    serving.cancel()
+                    raise
+                except Exception as exc:
+                    serving.set_exception(exc)
+                    serving.exception()  # nobody may be left to retrieve it
+                else:
+                    serving.set_result(value)
+        finally:
+            self._runner = None
+            if self._next is not None:  # cancelled at shutdown: nobody is left to read for
+                self._next.cancel()
+                self._next = None
 
 
 class FileLock:

@@ -1,4 +1,5 @@
-"""SingleFlight and FileLock behave as their docstrings promise, cancellation included."""
+"""SingleFlight, SharedRead and FileLock behave as their docstrings promise, cancellation
+included."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.locks import FileLock, SingleFlight
+from pvmcache_async.locks import FileLock, SharedRead, SingleFlight
 
 
 async def test_concurrent_calls_for_one_key_share_one_execution() -> None:
@@ -185,3 +186,79 @@ async def test_a_lock_file_replaced_under_a_waiter_is_not_trusted(tmp_path: Path
     assert os.stat(path).st_ino == os.fstat(fresh._fd or -1).st_ino
     fresh.release()
     holder.release()
+
+
+class _Source:
+    """A slow source whose reads the test lets through one at a time; each read returns the
+    version the source had when that read began."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.reads = 0
+        self.gate = asyncio.Semaphore(0)
+        self.fail: Exception | None = None
+        self.began: asyncio.Queue[int] = asyncio.Queue()  # the version each read saw
+
+    async def read(self) -> int:
+        self.reads += 1
+        seen = self.version
+        self.began.put_nowait(seen)
+        await self.gate.acquire()
+        if self.fail is not None:
+            raise self.fail
+        return seen
+
+
+async def test_shared_read_serves_concurrent_callers_with_one_read() -> None:
+    source = _Source()
+    read = SharedRead(source.read)
+    callers = [asyncio.create_task(read()) for _ in range(50)]
+    await asyncio.sleep(0)
+    source.gate.release()
+    assert await asyncio.gather(*callers) == [0] * 50
+    assert source.reads == 1
+
+
+async def test_shared_read_never_hands_out_a_read_begun_before_the_call() -> None:
+    source = _Source()
+    read = SharedRead(source.read)
+    early = asyncio.create_task(read())
+    assert await source.began.get() == 0  # the first read is under way
+    source.version = 1  # e.g. this caller has just made a disk
+    late = [asyncio.create_task(read()) for _ in range(10)]
+    await asyncio.sleep(0)
+    source.gate.release()
+    assert await early == 0
+    assert await source.began.get() == 1  # one more read, for everyone who asked meanwhile
+    source.gate.release()
+    assert await asyncio.gather(*late) == [1] * 10
+    assert source.reads == 2
+
+
+async def test_shared_read_error_reaches_its_callers_only_and_is_not_remembered() -> None:
+    source = _Source()
+    read = SharedRead(source.read)
+    source.fail = OSError("the REST API is down")
+    failing = [asyncio.create_task(read()) for _ in range(5)]
+    await asyncio.sleep(0)
+    source.gate.release()
+    for task in failing:
+        with pytest.raises(OSError, match="down"):
+            await task
+    source.fail = None
+    source.version = 3
+    source.gate.release()
+    assert await read() == 3
+
+
+async def test_a_cancelled_caller_leaves_and_the_shared_read_goes_on() -> None:
+    source = _Source()
+    read = SharedRead(source.read)
+    leaving, staying = asyncio.create_task(read()), asyncio.create_task(read())
+    await asyncio.sleep(0)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    source.gate.release()
+    assert await staying == 0
+    assert source.reads == 1

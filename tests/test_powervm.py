@@ -85,6 +85,7 @@ class FakePowerVM:
         self.reading = threading.Event()  # set at the upload's first read
         self.lag: list[int] = []  # download bytes not yet uploaded, seen at each read
         self.uploads_running = 0
+        self.vg_reads = 0  # GETs of the VG, each a slow REST call on a real VIOS
         adpt.read.side_effect = self.read
         adpt.read_by_href.side_effect = lambda *a, **k: self._vg_resp()
         adpt.update_by_path.side_effect = self.update_by_path
@@ -167,6 +168,7 @@ class FakePowerVM:
                 if child_id is None:
                     return self._resp(feed=[self._vg_copy()])
                 if child_id == self.vg_uuid:
+                    self.vg_reads += 1
                     return self._resp(self._vg_copy())
                 raise self._error(404)
         raise AssertionError(f"unexpected read {root_type} {root_id} {child_type} {child_id}")
@@ -357,6 +359,39 @@ async def test_concurrent_deploys_download_once_and_copy_each(
     assert [c[0] for c in pvm.ops()].count("copy") == len(instances)
     for r in results:
         assert pvm.content(r.disk) == data
+
+
+async def test_a_storm_of_warm_deploys_shares_its_looks_at_the_vg(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    image = glance_server.create_image(disk_image(MiB, seed=53))
+    await cache.ensure(image)
+    instances = [str(uuid.uuid4()) for _ in range(20)]
+    pvm.vg_reads = 0
+
+    results = await asyncio.gather(*(cache.deploy(image, i) for i in instances))
+
+    assert {r.result for r in results} == {Outcome.HIT}
+    assert [c[0] for c in pvm.ops()].count("copy") == len(instances)
+    # a deploy looks at the VG four times (is its disk free? the image's disk there, before
+    # and under the lock; the source's udid) and pypowervm's copy reads it once more for its
+    # etag: 5 GETs each if nothing were shared (42 in all here when this test was written)
+    assert pvm.vg_reads < 5 * len(instances)
+
+
+async def test_looks_at_the_vg_asked_at_once_share_one_read(
+    vg: PowerVMVG, pvm: FakePowerVM
+) -> None:
+    names = [*pvm.names(), "b_not_there"]
+    await vg.disk_size(names[0])  # connected: find_vg's reads are behind us
+    pvm.vg_reads = 0
+
+    listed, *sizes = await asyncio.gather(vg.list_disks(), *(vg.disk_size(n) for n in names * 10))
+
+    assert pvm.vg_reads == 1
+    by_name = {d.name: d.size for d in listed}  # type: ignore[union-attr]
+    assert len(by_name) == len(names) - 1
+    assert sizes == [by_name.get(n) for n in names] * 10
 
 
 async def test_failed_digest_removes_the_partial_and_renames_nothing(

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import CacheError, DiskExists, InvalidInput, StorageError
+from ..locks import SharedRead
 from ..names import MAX_DISK_NAME
 from .base import Capacity, DiskInfo, PartialDisk, VolumeGroup
 
@@ -349,6 +350,26 @@ class _Target:
     vg_uuid: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What a look at the VG saw of one disk: plain values, so that the VG's wrapper, shared
+    by every caller of one read, is only ever read on the event loop thread."""
+
+    name: str
+    udid: str | None
+    capacity_gb: float
+    file_format: str | None
+
+    @classmethod
+    def of(cls, vdisk: Any) -> _Seen:
+        return cls(_disk_name(vdisk), vdisk.udid, vdisk.capacity or 0.0, vdisk.file_format)
+
+
+def _disk_name(vdisk: Any) -> str:
+    # a VDisk's name can come back as /path/to/name (see pypowervm's crt_vdisk)
+    return (vdisk.name or "").split("/")[-1]
+
+
 class PowerVMPartialDisk(PartialDisk):
     """A disk being uploaded under its partial name; ``publish`` renames it after the check."""
 
@@ -476,6 +497,11 @@ class PowerVMVG(VolumeGroup):
         self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
         self._upload_slots = asyncio.Semaphore(MAX_UPLOADS)
         self.live: set[PowerVMPartialDisk] = set()  # partial disks not yet published or discarded
+        # the looks that change nothing share one GET of the VG (a slow REST call, and a deploy
+        # storm asks it hundreds of times at once); changes read it afresh for their etag
+        self._vg_now: SharedRead[Any] = SharedRead(
+            lambda: self._call("reading the volume group", self._read_vg)
+        )
         self._records = state_dir / "disks"
         try:
             self._records.mkdir(parents=True, exist_ok=True)
@@ -531,8 +557,7 @@ class PowerVMVG(VolumeGroup):
 
     @staticmethod
     def _named(vg_w: Any, name: str) -> list[Any]:
-        # a VDisk's name can come back as /path/to/name (see pypowervm's crt_vdisk)
-        return [d for d in vg_w.virtual_disks if (d.name or "").split("/")[-1] == name]
+        return [d for d in vg_w.virtual_disks if _disk_name(d) == name]
 
     # -- the exact sizes of the disks this backend filled --------------------------------
 
@@ -548,39 +573,38 @@ class PowerVMVG(VolumeGroup):
     def _forget(self, name: str) -> None:
         self._record_path(name).unlink(missing_ok=True)
 
-    def _size_of(self, vdisk: Any) -> int:
-        name = (vdisk.name or "").split("/")[-1]
+    def _sized(self, disk: _Seen) -> int:
+        """The exact size this backend recorded for the disk, else its size in whole GB."""
         try:
-            record = json.loads(self._record_path(name).read_text())
+            record = json.loads(self._record_path(disk.name).read_text())
         except (OSError, ValueError):
             record = None
-        if isinstance(record, dict) and record.get("udid") == vdisk.udid and vdisk.udid:
+        if isinstance(record, dict) and record.get("udid") == disk.udid and disk.udid:
             size = record.get("size")
             if isinstance(size, int):
                 return size
-        return round((vdisk.capacity or 0.0) * GB)
+        return round(disk.capacity_gb * GB)
+
+    async def _seen(self) -> list[_Seen]:
+        """The VG's disks as a read begun after this call saw them."""
+        return [_Seen.of(d) for d in (await self._vg_now()).virtual_disks]
 
     # -- the protocol -------------------------------------------------------------------
 
     async def list_disks(self) -> list[DiskInfo]:
-        def scan() -> list[DiskInfo]:
-            vg_w = self._read_vg()
-            disks = [
-                DiskInfo((d.name or "").split("/")[-1], self._size_of(d))
-                for d in vg_w.virtual_disks
-            ]
-            return sorted(disks, key=lambda d: d.name)
+        seen = await self._seen()
 
-        return await self._call("listing disks", scan)
+        def sized() -> list[DiskInfo]:
+            return sorted((DiskInfo(d.name, self._sized(d)) for d in seen), key=lambda d: d.name)
+
+        return await self._call("listing disks", sized)
 
     async def disk_size(self, name: str) -> int | None:
         self.check_name(name)
-
-        def size() -> int | None:
-            found = self._named(self._read_vg(), name)
-            return self._size_of(found[0]) if found else None
-
-        return await self._call(f"reading disk {name}", size)
+        found = [d for d in await self._seen() if d.name == name]
+        if not found:
+            return None
+        return await self._call(f"reading disk {name}", self._sized, found[0])
 
     async def create_partial(
         self, name: str, size: int, *, label: str | None = None
@@ -632,17 +656,18 @@ class PowerVMVG(VolumeGroup):
         self.check_name(source)
         self.check_name(target)
 
+        seen = await self._seen()  # crt_copy_vdisk reads the VG again, for its update
+        if any(d.name == target for d in seen):
+            raise DiskExists(f"disk {target} already exists in the volume group")
+        found = [d for d in seen if d.name == source]
+        if not found:
+            raise StorageError(f"cloning {source} to {target}: there is no disk {source}")
+        src = found[0]
+        before = {d.udid for d in seen}
+
         def clone() -> None:
             t = self.target_sync()
-            vg_w = self._read_vg()
-            if self._named(vg_w, target):
-                raise DiskExists(f"disk {target} already exists in the volume group")
-            found = self._named(vg_w, source)
-            if not found:
-                raise StorageError(f"cloning {source} to {target}: there is no disk {source}")
-            src = found[0]
-            size = self._size_of(src)
-            before = {d.udid for d in vg_w.virtual_disks}
+            size = self._sized(src)
             try:
                 new = pvm_stg.crt_copy_vdisk(
                     t.adapter,
@@ -678,14 +703,11 @@ class PowerVMVG(VolumeGroup):
         await self._call(f"deleting disk {name}", delete)
 
     async def capacity(self) -> Capacity:
-        def capacity() -> Capacity:
-            vg_w = self._read_vg()
-            known = [v for v in (vg_w.available_size, vg_w.free_space) if v is not None]
-            free_gb = min(known) if known else 0.0
-            # disks are made in whole GB: only whole free GB can hold an image
-            return Capacity(total=int((vg_w.capacity or 0.0) * GB), free=math.floor(free_gb) * GB)
-
-        return await self._call("reading its capacity", capacity)
+        vg_w = await self._vg_now()
+        known = [v for v in (vg_w.available_size, vg_w.free_space) if v is not None]
+        free_gb = min(known) if known else 0.0
+        # disks are made in whole GB: only whole free GB can hold an image
+        return Capacity(total=int((vg_w.capacity or 0.0) * GB), free=math.floor(free_gb) * GB)
 
     async def close(self) -> None:
         for partial in list(self.live):  # an upload thread blocked in read() would never end
