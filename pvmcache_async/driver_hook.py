@@ -20,6 +20,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from nova.virt import imagecache
@@ -37,9 +38,43 @@ from .transfer import CacheSettings, ImageCache
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# The Glance token of the nova request a coroutine serves. Set at the top of each call on the
-# loop; the download task singleflight starts copies it, so the first caller's token fetches.
-_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("pvmcache_token", default=None)
+
+@dataclass(frozen=True, slots=True)
+class _Tokens:
+    """What nova's own Glance client would send for one request; never in a repr."""
+
+    user: str | None = field(default=None, repr=False)
+    service: str | None = field(default=None, repr=False)  # [service_user] token
+
+
+# The tokens of the nova request a coroutine serves. Set at the top of each call on the loop;
+# the download task singleflight starts copies them, so the first caller's tokens fetch.
+_NO_TOKENS = _Tokens()  # frozen: one default shared by every context is safe
+_TOKENS: contextvars.ContextVar[_Tokens] = contextvars.ContextVar(
+    "pvmcache_tokens", default=_NO_TOKENS
+)
+
+
+def _tokens_of(conf: cfg.ConfigOpts, context: Any) -> _Tokens:
+    """The request's token, and with ``[service_user] send_service_user_token`` a service
+    token beside it, as nova sends to Glance: it lets Glance accept a user token that expires
+    while a long download is still running or resuming."""
+    user = getattr(context, "auth_token", None)
+    if context is None or not conf.service_user.send_service_user_token:
+        return _Tokens(user)
+    from nova import service_auth
+
+    try:  # nova's session for [glance] and its plugin (cached, keystone only when expired)
+        session = service_auth.get_service_auth_session("glance")
+        plugin = service_auth.get_service_user_token_auth_plugin(context)
+        headers = session.get_auth_headers(auth=plugin) or {}
+    except Exception as exc:  # keystoneauth's errors: unreachable, refused, misconfigured
+        log.warning(
+            "no service token for Glance (%s); sending the request's token alone",
+            type(exc).__name__,
+        )
+        return _Tokens(user)
+    return _Tokens(headers.get("X-Auth-Token") or user, headers.get("X-Service-Token"))
 
 
 def _is_uuid(value: str) -> bool:
@@ -211,7 +246,7 @@ class DriverHook:
         self, work: Callable[[ImageCache], Coroutine[Any, Any, T]], context: Any = None
     ) -> T:
         self._loop.start()  # first: refuses in eventlet mode before anything else happens
-        token = getattr(context, "auth_token", None)
+        tokens = _tokens_of(self._conf, context)
         url = None
         lookup_error: GlanceError | None = None
         if context is not None and (self._cache is None or self._cache.glance is None):
@@ -221,7 +256,7 @@ class DriverHook:
                 lookup_error = exc
 
         async def run() -> T:
-            _TOKEN.set(token)
+            _TOKENS.set(tokens)
             try:
                 return await work(self._open_cache(url))
             except NoGlanceEndpoint:
@@ -239,7 +274,8 @@ class DriverHook:
             gc = self._conf.glance
             self._cache.glance = GlanceClient(
                 url,
-                token=_TOKEN.get,
+                token=lambda: _TOKENS.get().user,
+                service_token=lambda: _TOKENS.get().service,
                 ca_file=gc.cafile,
                 verify_tls=not gc.insecure,
                 read_timeout=self._conf[pvm_conf.GROUP].read_timeout,

@@ -11,7 +11,8 @@ Faults: a transfer that drops or stalls resumes from the last byte written with
 errors, resets, truncated bodies, read timeouts, 5xx and 429 are retried with exponential
 backoff and jitter, a bounded number of times in a row (``RetryPolicy``); other 4xx are final.
 
-The token is sent as ``X-Auth-Token`` and appears in no message, log or repr. TLS is verified
+The token is sent as ``X-Auth-Token`` (and a service token, where given, as
+``X-Service-Token``); neither appears in any message, log or repr. TLS is verified
 by default. There is no total timeout (a multi-GB image may take long); a read that stalls
 longer than ``read_timeout`` fails.
 """
@@ -167,6 +168,7 @@ class GlanceClient:
         url: str,
         *,
         token: str | Callable[[], str | None] | None = None,
+        service_token: str | Callable[[], str | None] | None = None,
         ca_file: str | None = None,
         verify_tls: bool = True,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
@@ -181,6 +183,7 @@ class GlanceClient:
             raise InvalidInput("timeouts and the chunk size must be positive")
         self.url = base
         self._token = token
+        self._service_token = service_token
         self._ssl: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=ca_file) if verify_tls else False
         )
@@ -195,9 +198,10 @@ class GlanceClient:
         return f"GlanceClient({str(self.url)!r})"
 
     def _headers(self) -> dict[str, str]:
-        # a callable gives the token per request: nova's comes with each request context
-        token = self._token() if callable(self._token) else self._token
-        return {"X-Auth-Token": token} if token else {}
+        # a callable gives the token per request: nova's come with each request context
+        sent = {"X-Auth-Token": self._token, "X-Service-Token": self._service_token}
+        values = {name: v() if callable(v) else v for name, v in sent.items()}
+        return {name: v for name, v in values.items() if v}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:

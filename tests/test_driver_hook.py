@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from nova import objects
+from keystoneauth1 import loading as ks_loading
+from nova import objects, service_auth
 
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.driver_hook import DriverHook
@@ -111,14 +112,17 @@ def test_close_stops_the_loop_thread_and_the_cache_outlives_it(
     assert _loop_threads() == []
 
 
+Tokens = list[tuple[str | None, str | None]]  # (X-Auth-Token, X-Service-Token) per request
+
+
 class _TokenRecorder(BaseHTTPRequestHandler):
-    """A loopback proxy in front of the real Glance that records each X-Auth-Token."""
+    """A loopback proxy in front of the real Glance that records the tokens of each request."""
 
     upstream: ClassVar[str] = ""
-    tokens: ClassVar[list[str | None]] = []
+    tokens: ClassVar[Tokens] = []
 
     def do_GET(self) -> None:
-        self.tokens.append(self.headers.get("X-Auth-Token"))
+        self.tokens.append((self.headers.get("X-Auth-Token"), self.headers.get("X-Service-Token")))
         host, port = self.upstream.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         conn.request("GET", self.path)
@@ -137,8 +141,8 @@ class _TokenRecorder(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def recording_proxy(glance_server: GlanceServer) -> Iterator[tuple[str, list[str | None]]]:
-    tokens: list[str | None] = []
+def recording_proxy(glance_server: GlanceServer) -> Iterator[tuple[str, Tokens]]:
+    tokens: Tokens = []
     handler = type("Recorder", (_TokenRecorder,), {"upstream": glance_server.url, "tokens": tokens})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -152,7 +156,7 @@ def test_glance_is_called_with_the_request_contexts_token(
     nova_conf: Path,
     nova_db: Any,
     glance_server: GlanceServer,
-    recording_proxy: tuple[str, list[str | None]],
+    recording_proxy: tuple[str, Tokens],
 ) -> None:
     url, tokens = recording_proxy
     CONF.set_override("api_servers", [url], "glance")  # nova's own [glance] setting
@@ -162,7 +166,80 @@ def test_glance_is_called_with_the_request_contexts_token(
         assert hook.cache_image(nova_db, img) is True
     finally:
         hook.close()
-    assert tokens == [nova_db.auth_token] * 2  # the image record, then its data
+    assert tokens == [(nova_db.auth_token, None)] * 2  # the image record, then its data
+
+
+@pytest.fixture
+def service_user() -> Iterator[None]:
+    """nova's [service_user] sending a service token: keystoneauth's admin_token plugin, so
+    the token needs no keystone (the plugin's options are registered as nova loads it)."""
+    opts = ks_loading.get_auth_plugin_conf_options("admin_token")
+    CONF.register_opts(opts, group="service_user")
+    settings = {
+        "send_service_user_token": True,
+        "auth_type": "admin_token",
+        "endpoint": "http://127.0.0.1:1/identity",
+        "token": "service-secret",
+    }
+    for name, value in settings.items():
+        CONF.set_override(name, value, "service_user")
+    service_auth.reset_globals()
+    yield
+    for name in settings:
+        CONF.clear_override(name, "service_user")
+    service_auth.reset_globals()
+
+
+def test_glance_gets_nova_s_service_token_beside_the_request_s(
+    nova_conf: Path,
+    nova_db: Any,
+    glance_server: GlanceServer,
+    recording_proxy: tuple[str, Tokens],
+    service_user: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, tokens = recording_proxy
+    CONF.set_override("api_servers", [url], "glance")
+    hook = DriverHook(CONF)
+    try:
+        img = glance_server.create_image(disk_image(MiB, seed=141))
+        assert hook.cache_image(nova_db, img) is True
+    finally:
+        hook.close()
+    assert tokens == [(nova_db.auth_token, "service-secret")] * 2
+    assert "service-secret" not in caplog.text and nova_db.auth_token not in caplog.text
+
+
+def test_a_service_token_that_cannot_be_had_costs_only_the_service_token(
+    nova_conf: Path,
+    nova_db: Any,
+    glance_server: GlanceServer,
+    recording_proxy: tuple[str, Tokens],
+    service_user: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, tokens = recording_proxy
+    CONF.set_override("api_servers", [url], "glance")
+    # a password plugin needs keystone, and nothing listens there
+    ks_loading.register_auth_conf_options(CONF, "service_user")
+    CONF.register_opts(ks_loading.get_auth_plugin_conf_options("password"), group="service_user")
+    for name, value in {
+        "auth_type": "password",
+        "auth_url": "http://127.0.0.1:1/v3",
+        "username": "nova",
+        "password": "pw-secret",
+    }.items():
+        CONF.set_override(name, value, "service_user")
+    hook = DriverHook(CONF)
+    try:
+        img = glance_server.create_image(disk_image(MiB, seed=142))
+        assert hook.cache_image(nova_db, img) is True
+    finally:
+        hook.close()
+        for name in ("auth_url", "username", "password"):
+            CONF.clear_override(name, "service_user")
+    assert tokens == [(nova_db.auth_token, None)] * 2
+    assert "no service token for Glance" in caplog.text and "pw-secret" not in caplog.text
 
 
 def test_eventlet_mode_is_refused_with_a_clear_message(tmp_path: Path) -> None:
