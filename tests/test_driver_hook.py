@@ -158,15 +158,24 @@ def test_glance_is_called_with_the_request_contexts_token(
     glance_server: GlanceServer,
     recording_proxy: tuple[str, Tokens],
 ) -> None:
-    url, tokens = recording_proxy
-    CONF.set_override("api_servers", [url], "glance")  # nova's own [glance] setting
+    tokens = _cache_one_through(recording_proxy, nova_db, glance_server, seed=140)
+    assert tokens == [(nova_db.auth_token, None)] * 2  # the image record, then its data
+
+
+def _cache_one_through(
+    proxy: tuple[str, Tokens], ctx: Any, glance_server: GlanceServer, seed: int
+) -> Tokens:
+    """``cache_image`` of a new image with Glance behind the recording proxy (nova's own
+    ``[glance] api_servers``); the tokens of the requests Glance got."""
+    url, tokens = proxy
+    CONF.set_override("api_servers", [url], "glance")
     hook = DriverHook(CONF)
     try:
-        img = glance_server.create_image(disk_image(MiB, seed=140))
-        assert hook.cache_image(nova_db, img) is True
+        img = glance_server.create_image(disk_image(MiB, seed=seed))
+        assert hook.cache_image(ctx, img) is True
     finally:
         hook.close()
-    assert tokens == [(nova_db.auth_token, None)] * 2  # the image record, then its data
+    return tokens
 
 
 @pytest.fixture
@@ -198,14 +207,7 @@ def test_glance_gets_nova_s_service_token_beside_the_request_s(
     service_user: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url, tokens = recording_proxy
-    CONF.set_override("api_servers", [url], "glance")
-    hook = DriverHook(CONF)
-    try:
-        img = glance_server.create_image(disk_image(MiB, seed=141))
-        assert hook.cache_image(nova_db, img) is True
-    finally:
-        hook.close()
+    tokens = _cache_one_through(recording_proxy, nova_db, glance_server, seed=141)
     assert tokens == [(nova_db.auth_token, "service-secret")] * 2
     assert "service-secret" not in caplog.text and nova_db.auth_token not in caplog.text
 
@@ -218,25 +220,15 @@ def test_a_service_token_that_cannot_be_had_costs_only_the_service_token(
     service_user: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url, tokens = recording_proxy
-    CONF.set_override("api_servers", [url], "glance")
     # a password plugin needs keystone, and nothing listens there
-    ks_loading.register_auth_conf_options(CONF, "service_user")
     CONF.register_opts(ks_loading.get_auth_plugin_conf_options("password"), group="service_user")
-    for name, value in {
-        "auth_type": "password",
-        "auth_url": "http://127.0.0.1:1/v3",
-        "username": "nova",
-        "password": "pw-secret",
-    }.items():
+    password = {"auth_url": "http://127.0.0.1:1/v3", "username": "nova", "password": "pw-secret"}
+    for name, value in {"auth_type": "password", **password}.items():
         CONF.set_override(name, value, "service_user")
-    hook = DriverHook(CONF)
     try:
-        img = glance_server.create_image(disk_image(MiB, seed=142))
-        assert hook.cache_image(nova_db, img) is True
+        tokens = _cache_one_through(recording_proxy, nova_db, glance_server, seed=142)
     finally:
-        hook.close()
-        for name in ("auth_url", "username", "password"):
+        for name in password:
             CONF.clear_override(name, "service_user")
     assert tokens == [(nova_db.auth_token, None)] * 2
     assert "no service token for Glance" in caplog.text and "pw-secret" not in caplog.text
