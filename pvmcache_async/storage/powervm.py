@@ -352,8 +352,7 @@ class _Target:
 
 @dataclass(frozen=True, slots=True)
 class _Seen:
-    """What a look at the VG saw of one disk: plain values, so that the VG's wrapper, shared
-    by every caller of one read, is only ever read on the event loop thread."""
+    """What a look at the VG saw of one disk, as plain values."""
 
     name: str
     udid: str | None
@@ -368,6 +367,23 @@ class _Seen:
 def _disk_name(vdisk: Any) -> str:
     # a VDisk's name can come back as /path/to/name (see pypowervm's crt_vdisk)
     return (vdisk.name or "").split("/")[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """One GET of the VG, as plain values made in the worker thread: every caller that shares
+    the GET gets this, never pypowervm's wrapper."""
+
+    disks: tuple[_Seen, ...]
+    capacity: Capacity
+
+    @classmethod
+    def of(cls, vg_w: Any) -> _Look:
+        known = [v for v in (vg_w.available_size, vg_w.free_space) if v is not None]
+        free_gb = min(known) if known else 0.0
+        # disks are made in whole GB: only whole free GB can hold an image
+        capacity = Capacity(total=int((vg_w.capacity or 0.0) * GB), free=math.floor(free_gb) * GB)
+        return cls(tuple(_Seen.of(d) for d in vg_w.virtual_disks), capacity)
 
 
 class PowerVMPartialDisk(PartialDisk):
@@ -499,8 +515,8 @@ class PowerVMVG(VolumeGroup):
         self.live: set[PowerVMPartialDisk] = set()  # partial disks not yet published or discarded
         # the looks that change nothing share one GET of the VG (a slow REST call, and a deploy
         # storm asks it hundreds of times at once); changes read it afresh for their etag
-        self._vg_now: SharedRead[Any] = SharedRead(
-            lambda: self._call("reading the volume group", self._read_vg)
+        self._look: SharedRead[_Look] = SharedRead(
+            lambda: self._call("reading the volume group", lambda: _Look.of(self._read_vg()))
         )
         self._records = state_dir / "disks"
         try:
@@ -585,9 +601,9 @@ class PowerVMVG(VolumeGroup):
                 return size
         return round(disk.capacity_gb * GB)
 
-    async def _seen(self) -> list[_Seen]:
+    async def _seen(self) -> tuple[_Seen, ...]:
         """The VG's disks as a read begun after this call saw them."""
-        return [_Seen.of(d) for d in (await self._vg_now()).virtual_disks]
+        return (await self._look()).disks
 
     # -- the protocol -------------------------------------------------------------------
 
@@ -703,11 +719,7 @@ class PowerVMVG(VolumeGroup):
         await self._call(f"deleting disk {name}", delete)
 
     async def capacity(self) -> Capacity:
-        vg_w = await self._vg_now()
-        known = [v for v in (vg_w.available_size, vg_w.free_space) if v is not None]
-        free_gb = min(known) if known else 0.0
-        # disks are made in whole GB: only whole free GB can hold an image
-        return Capacity(total=int((vg_w.capacity or 0.0) * GB), free=math.floor(free_gb) * GB)
+        return (await self._look()).capacity
 
     async def close(self) -> None:
         for partial in list(self.live):  # an upload thread blocked in read() would never end
