@@ -564,9 +564,13 @@ class ImageCache:
     @contextlib.asynccontextmanager
     async def _space_for(self, info: ImageInfo) -> AsyncIterator[_Claim]:
         """Refuse a download up front unless the VG has room for the image besides what the
-        downloads under way in this process have still to write; hold the claim meanwhile."""
+        downloads under way have still to write; hold the claim meanwhile.
+
+        A VG whose partial disks reserve their room (``reserves_space``) counts every download
+        in its free space, in any process; otherwise this process counts its own claims."""
+        counted = await self.vg.reserves_space()
         free = (await self.vg.capacity()).free
-        promised = sum(c.size - c.written for c in self._claims)
+        promised = 0 if counted else sum(c.size - c.written for c in self._claims)
         if free - promised < info.size:
             raise InsufficientSpace(
                 f"needs {info.size} bytes but the volume group has {free} bytes free"

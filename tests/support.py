@@ -69,7 +69,11 @@ class GatedVG(FileVG):
         self.writing = asyncio.Event()
         self.full = False
         self.free: int | None = None  # report this many bytes free instead of the truth
+        self.reserving = True  # False: act as a VG whose partial disks take room as they fill
         self.partials_created = 0
+
+    async def reserves_space(self) -> bool:
+        return self.reserving and await super().reserves_space()
 
     async def create_partial(
         self, name: str, size: int, *, label: str | None = None

@@ -341,32 +341,29 @@ def _unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -rm to mount a small tmpfs")
-def test_a_disk_that_fills_mid_download_loses_the_partial_and_says_so(
+def test_a_download_takes_its_room_up_front_and_another_process_is_refused_before_fetching(
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:
-    # Two 3 MiB images fit one at a time into a 5 MiB tmpfs, not both. Two processes prefetch
-    # one each (one process would refuse the second up front: the first holds a claim on the
-    # room). The proxy holds both data responses until both have been asked for, so both
-    # downloads have passed the free space check up front and one meets a real ENOSPC.
+    # Two 3 MiB images fit one at a time into a 5 MiB tmpfs, not both. Process A prefetches
+    # one, and the proxy holds its data back: its partial disk has taken its 3 MiB (fallocate)
+    # and nothing has arrived. Process B, prefetching the other, must then be refused with a
+    # one-line error before it asks Glance for a byte; A completes once released.
     # all random: zero runs would become holes (sparse ingest) and both would fit
     data = [random.Random(50 + i).randbytes(3 * MiB) for i in range(2)]
     imgs = [glance_server.create_image(d) for d in data]
-    vg = tmp_path / "vg"
+    vg, go, b_done = tmp_path / "vg", tmp_path / "go", tmp_path / "b_done"
     vg.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
     threaded = ThreadedFaultProxy(glance_server.url)
     with threaded as proxy:
-        for img in imgs:
-            proxy.plan(img, stall(after=0))
-        cli = [sys.executable, "-m", "pvmcache_async", "--glance-url", proxy.url]
+        proxy.plan(imgs[0], stall(after=0))
+        cli = f'{sys.executable} -m pvmcache_async --glance-url {proxy.url} --vg "file:{vg}"'
         script = (
             f'mount -t tmpfs -o size=5m tmpfs "{vg}" && {{ '
-            + "".join(
-                f'( {" ".join(cli)} --vg "file:{vg}" prefetch {img}; echo "rc=$?" ) & '
-                for img in imgs
-            )
-            + "wait; }; "
-            f'cd "{vg}" && for f in *; do [ -f "$f" ] || continue; '
+            f'( {cli} prefetch {imgs[0]}; echo "a rc=$?" ) & '
+            f'while [ ! -e "{go}" ]; do sleep 0.02; done; '
+            f'{cli} prefetch {imgs[1]}; echo "b rc=$?"; touch "{b_done}"; wait; }}; '
+            f'echo files:; cd "{vg}" && for f in *; do [ -f "$f" ] || continue; '
             'echo "$f $(sha256sum < "$f" | cut -c1-64)"; done'
         )
         run = subprocess.Popen(
@@ -378,22 +375,25 @@ def test_a_disk_that_fills_mid_download_loses_the_partial_and_says_so(
         )
         try:
             deadline = time.monotonic() + 60
-            while not all(proxy.file_gets(i) for i in imgs) and time.monotonic() < deadline:
+            while not proxy.file_gets(imgs[0]) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert all(proxy.file_gets(i) for i in imgs), "both downloads should have started"
+            assert proxy.file_gets(imgs[0]), "A's download should have started"
+            go.touch()  # A holds its room and has written nothing: now B
+            while not b_done.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert b_done.exists(), "B should have ended while A was held"
+            assert proxy.file_gets(imgs[1]) == []  # refused before it asked for a byte
             threaded.release_stalls()  # on the proxy's own loop thread
             stdout, stderr = run.communicate(timeout=120)
         finally:
             run.kill()
     lines = stdout.splitlines()
-    assert "rc=1" in lines, (stdout, stderr)
-    errors = stderr.strip().splitlines()
-    assert errors and all("no space left" in e for e in errors), stderr
-    files = dict(line.split(" ", 1) for line in lines if not line.startswith(("rc=", "image ")))
-    digests = {hashlib.sha256(d).hexdigest() for d in data}
+    assert "a rc=0" in lines and "b rc=1" in lines, (stdout, stderr)
+    (error,) = stderr.strip().splitlines()
+    assert f"image {imgs[1]}: needs {3 * MiB} bytes but the volume group has" in error, stderr
+    files = dict(line.split(" ", 1) for line in lines[lines.index("files:") + 1 :])
+    assert list(files.values()) == [hashlib.sha256(data[0]).hexdigest()]
     assert all(name.startswith("i_") for name in files), files  # no partial left behind
-    assert all(digest in digests for digest in files.values())
-    assert len(files) == 2 - len(errors)
 
 
 class _HeldCloneVG(FileVG):

@@ -76,6 +76,25 @@ async def test_sparse_ingest_leaves_zero_runs_as_holes(tmp_path: Path) -> None:
     assert sparse < len(data) // 2  # about 2.3 of the 6.3 MiB are data
 
 
+async def test_a_partial_disk_takes_its_room_up_front_and_gives_zero_runs_back(
+    tmp_path: Path,
+) -> None:
+    vg = FileVG(tmp_path)
+    if not await vg.reserves_space() or not _fs_makes_holes(tmp_path):
+        pytest.skip("this filesystem cannot reserve room (fallocate) or punch holes")
+    data = _image(4)
+    free = (await vg.capacity()).free
+    partial = await vg.create_partial("p_r", len(data))
+    path = tmp_path / "p_r"
+    assert os.stat(path).st_blocks * 512 >= len(data)  # all of it, before a byte arrived
+    assert free - (await vg.capacity()).free >= len(data) - MiB  # others see it taken
+    for i in range(0, len(data), MiB):
+        await partial.write(data[i : i + MiB])
+    await partial.publish("i_r")
+    assert (tmp_path / "i_r").read_bytes() == data
+    assert os.stat(tmp_path / "i_r").st_blocks * 512 < len(data) // 2  # the zeros went back
+
+
 async def test_rewind_then_rewrite_leaves_only_the_new_bytes(tmp_path: Path) -> None:
     vg = FileVG(tmp_path)
     partial = await vg.create_partial("p_x", 0)

@@ -92,6 +92,14 @@ class VolumeGroup(abc.ABC):
         """
         return None
 
+    async def reserves_space(self) -> bool:
+        """Whether a partial disk takes its whole size from the free space as it is made.
+
+        Then the free space already leaves out every download under way, in any process, and
+        ``create_partial`` refuses when there is no room. False (the default): room is taken
+        as data arrives, and the cache counts its own downloads against the free space."""
+        return False
+
     @abc.abstractmethod
     async def clone(self, source: str, target: str) -> None:
         """Create disk ``target`` as a full copy of ``source``; atomic, never replaces."""

@@ -12,9 +12,14 @@ SIGKILL interrupted (lock free, or no lock file) from one still running (lock he
 
 Space and speed (measured in ``benchmarks/README.md``):
 
-* **Sparse ingest**: a block of zeros arriving from Glance is skipped with the file offset
-  instead of written, so zero runs of a disk image become holes; ``publish`` sets the final
-  size, which also covers trailing zeros.
+* **Room taken up front**: a partial disk is given its whole size with ``fallocate`` when it
+  is made, so it takes its room from the filesystem at once, against every other process and
+  download, and a disk too full for it is refused before a byte is fetched. Filesystems without
+  ``fallocate`` get a file of that size as one hole instead (the cache's own check up front
+  then counts only this process's downloads).
+* **Sparse ingest**: a block of zeros arriving from Glance is not written: its range is
+  punched out of the reserved file (``FALLOC_FL_PUNCH_HOLE``; where that fails it reads as
+  zeros all the same), so zero runs of a disk image become holes and give their room back.
 * **Clones**: ``FICLONE`` (a copy-on-write reflink, constant time on XFS/btrfs) where the
   filesystem supports it, else a hole-aware copy that walks the source's data extents with
   ``SEEK_DATA``/``SEEK_HOLE`` and copies only those with ``copy_file_range``, so a clone is as
@@ -71,6 +76,46 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE = _libc_sync_file_range()
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """Linux's fallocate with its modes (Python's ``os`` has only posix_fallocate, which
+    glibc emulates by writing zeros where the filesystem cannot); None where absent."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_FALLOCATE = _libc_fallocate()
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
+# errors by which fallocate says "not on this filesystem" (not "no room")
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def reserve(fd: int, size: int) -> bool:
+    """Give the empty file ``fd`` its ``size``, allocated now (the blocks read as zeros);
+    False where the filesystem cannot. Too little room raises ``OSError(ENOSPC)``."""
+    if _FALLOCATE is None or size <= 0:
+        return False
+    if _FALLOCATE(fd, 0, 0, size) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_FALLOCATE:
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Give back the blocks of a range that holds zeros. Best effort: where the filesystem
+    cannot, the range keeps its reserved blocks, which read as zeros just the same."""
+    if _FALLOCATE is not None and length > 0:
+        _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
 HAVE_WRITEBACK = _SYNC_FILE_RANGE is not None  # else start_writeback does nothing
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of dirty pages, do not wait
 
@@ -109,22 +154,27 @@ def _link_new(tmp: Path, final: Path, final_name: str) -> None:
     _fsync_dir(final.parent)
 
 
-def _resize(fd: int, size: int) -> None:
-    """Empty the file, then give it its final size as one hole.
+def _resize(fd: int, size: int, reserving: bool = True) -> bool:
+    """Empty the file, then give it its final size: reserved where the filesystem can (True),
+    else as one hole.
 
     Writes then land inside the file, never past its end: XFS would otherwise preallocate
     beyond the end while the file grows, filling the holes sparse ingest skips (measured:
     a 1 GiB image with 505 MiB of data took 767 MiB of blocks that way, see benchmarks/).
     """
     os.ftruncate(fd, 0)
+    if reserving and reserve(fd, size):
+        return True
     os.ftruncate(fd, max(size, 0))
+    return False
 
 
-def write_sparse(fd: int, offset: int, data: bytes) -> int:
+def write_sparse(fd: int, offset: int, data: bytes, *, punch: bool = False) -> int:
     """Write ``data`` at ``offset``, skipping whole zero blocks (holes); return the new offset.
 
     Blocks are aligned to the file offset, so a run of zeros in the image lands on whole
     filesystem blocks whatever sizes the chunks arrive in. The caller sets the final size.
+    With ``punch`` (a file reserved up front) each run of zero blocks is punched out.
     """
     end = offset + len(data)
     pos = offset
@@ -133,6 +183,13 @@ def write_sparse(fd: int, offset: int, data: bytes) -> int:
         stop = min(end, (pos // HOLE_BLOCK + 1) * HOLE_BLOCK)
         i, j = pos - offset, stop - offset
         if data.startswith(_ZEROS[: j - i], i):  # memcmp, no copy
+            while stop < end:  # to the end of the run of zero blocks
+                nxt = min(end, stop + HOLE_BLOCK)
+                if not data.startswith(_ZEROS[: nxt - stop], stop - offset):
+                    break
+                stop = nxt
+            if punch:
+                _punch(fd, pos, stop - pos)
             pos = stop
             continue
         # a data block: extend to the end of the run of data blocks, write it in one call
@@ -150,13 +207,21 @@ def write_sparse(fd: int, offset: int, data: bytes) -> int:
 
 class FilePartialDisk(PartialDisk):
     def __init__(
-        self, vg: FileVG, name: str, path: Path, fd: int, size: int, owner: FileLock | None
+        self,
+        vg: FileVG,
+        name: str,
+        path: Path,
+        fd: int,
+        size: int,
+        owner: FileLock | None,
+        reserved: bool,
     ) -> None:
         self.name = name
         self._vg = vg
         self._path = path
         self._fd: int | None = fd
         self._size = size
+        self._reserved = reserved  # its room taken up front: zero runs are punched out
         self._offset = 0
         self._owner = owner  # a temporary disk's owner lock, held until the file is gone
 
@@ -174,7 +239,7 @@ class FilePartialDisk(PartialDisk):
     def _write_sync(self, fd: int, chunk: bytes) -> None:
         start = self._offset
         if self._vg.sparse:
-            self._offset = write_sparse(fd, self._offset, chunk)
+            self._offset = write_sparse(fd, self._offset, chunk, punch=self._reserved)
         else:
             view = memoryview(chunk)
             while view:
@@ -191,7 +256,11 @@ class FilePartialDisk(PartialDisk):
             raise _storage_error(f"writing partial disk {self.name}", exc) from exc
 
     async def rewind(self) -> None:
-        await asyncio.to_thread(_resize, self._handle(), self._size)
+        fd = self._handle()
+        try:
+            self._reserved = await asyncio.to_thread(_resize, fd, self._size, self._vg.reserve)
+        except OSError as exc:
+            raise _storage_error(f"rewinding partial disk {self.name}", exc) from exc
         self._offset = 0
 
     async def publish(self, final_name: str) -> None:
@@ -272,6 +341,20 @@ def _probe_reflink(directory: Path) -> bool:
             os.close(fd)
 
 
+def _probe_reserve(directory: Path) -> bool:
+    """Whether ``fallocate`` reserves room in ``directory``'s filesystem (one block)."""
+    try:
+        fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False  # no O_TMPFILE here: take the cautious answer
+    try:
+        return reserve(fd, HOLE_BLOCK)
+    except OSError:
+        return True  # it tried to allocate and found no room: it does reserve
+    finally:
+        os.close(fd)
+
+
 class FileVG(VolumeGroup):
     """A volume group kept as a directory of regular files."""
 
@@ -282,12 +365,15 @@ class FileVG(VolumeGroup):
         sparse: bool = True,
         clone_method: CloneMethod = "auto",
         writeback: bool = True,
+        reserve: bool = True,
     ) -> None:
         self.root = root
+        self.reserve = reserve  # a partial disk takes its whole room when it is made
         self.sparse = sparse  # zero blocks of a download become holes
         self.writeback = writeback  # start writing each chunk to the device as it arrives
         self.clone_method: CloneMethod = clone_method
         self._reflink_works: bool | None = None  # learnt on the first clone (per VG)
+        self._reserve_works: bool | None = None  # learnt by a probe, then by each partial
         # Clones run on threads of their own: on the loop's small default executor a storm's
         # clones (tens of ms each) would queue every quick stat and index call behind them.
         self._clone_threads = ThreadPoolExecutor(CLONE_THREADS, thread_name_prefix="filevg-clone")
@@ -351,15 +437,24 @@ class FileVG(VolumeGroup):
         except OSError as exc:
             raise _storage_error(f"creating partial disk {name}", exc) from exc
         try:
-            await asyncio.to_thread(_resize, fd, size)
+            reserved = await asyncio.to_thread(_resize, fd, size, self.reserve)
         except OSError as exc:
             os.close(fd)
             await aiofiles.os.unlink(path)
-            raise _storage_error(f"creating partial disk {name}", exc) from exc
-        return FilePartialDisk(self, name, path, fd, size, owner)
+            raise _storage_error(f"creating partial disk {name} of {size} bytes", exc) from exc
+        if size > 0 and self.reserve:
+            self._reserve_works = reserved  # what happened, over what the probe foresaw
+        return FilePartialDisk(self, name, path, fd, size, owner, reserved)
 
     def _temp_path(self) -> Path:
         return self.path_of((CLONE_PREFIX + secrets.token_hex(8))[:MAX_DISK_NAME])
+
+    async def reserves_space(self) -> bool:
+        if not self.reserve:
+            return False
+        if self._reserve_works is None:
+            self._reserve_works = await asyncio.to_thread(_probe_reserve, self.state_dir)
+        return self._reserve_works
 
     def _reflinks(self) -> bool:
         """Whether clones here will be reflinks: learnt by the first clone, or by a probe."""

@@ -33,6 +33,7 @@ INGEST_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("dense ingest (zeros written)", {"sparse": False}),
     ("asyncio loop instead of uvloop", {"loop": "asyncio"}),
     ("no early writeback (publish's fsync writes it all)", {"writeback": False}),
+    ("room not reserved up front (a hole)", {"reserve": False}),
 ]
 COLD_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("first deploy cloned after the download (no tee)", {"tee": False}),

@@ -54,6 +54,7 @@ class Options:
     max_clones: int | None = None  # CacheSettings.max_clones (None: the product's default)
     tee: bool = True  # CacheSettings.tee: a cold deploy's disk written during the download
     writeback: bool = True  # FileVG.writeback: each chunk's writeback started as it lands
+    reserve: bool = True  # FileVG.reserve: a partial disk's room taken up front (fallocate)
 
 
 @dataclass(slots=True)
@@ -126,7 +127,9 @@ def _settings(job: Job) -> CacheSettings:
 def _vg(job: Job, root: Path | None = None) -> FileVG:
     root = Path(job.vg) if root is None else root
     o = job.options
-    return FileVG(root, sparse=o.sparse, clone_method=o.clone, writeback=o.writeback)
+    return FileVG(
+        root, sparse=o.sparse, clone_method=o.clone, writeback=o.writeback, reserve=o.reserve
+    )
 
 
 def _plan(job: Job) -> list[tuple[str, str]]:
