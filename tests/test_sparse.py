@@ -83,11 +83,9 @@ async def test_a_partial_disk_takes_its_room_up_front_and_gives_zero_runs_back(
     if not await vg.reserves_space() or not _fs_makes_holes(tmp_path):
         pytest.skip("this filesystem cannot reserve room (fallocate) or punch holes")
     data = _image(4)
-    free = (await vg.capacity()).free
     partial = await vg.create_partial("p_r", len(data))
-    path = tmp_path / "p_r"
-    assert os.stat(path).st_blocks * 512 >= len(data)  # all of it, before a byte arrived
-    assert free - (await vg.capacity()).free >= len(data) - MiB  # others see it taken
+    # all of it, before a byte arrived (tests/test_faults.py shows another process see it)
+    assert os.stat(tmp_path / "p_r").st_blocks * 512 >= len(data)
     for i in range(0, len(data), MiB):
         await partial.write(data[i : i + MiB])
     await partial.publish("i_r")
