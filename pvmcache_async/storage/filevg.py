@@ -64,33 +64,23 @@ CLONE_THREADS = 8  # clones at once per VG (the cache allows 8 by default, max_c
 CloneMethod = Literal["auto", "reflink", "sparse", "copy"]
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range, which Python's ``os`` does not offer; None where absent."""
+def _libc(name: str, *argtypes: type) -> Callable[[int, int, int, int], int] | None:
+    """A Linux call that Python's ``os`` does not offer, from libc; None where absent."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return cast(Callable[[int, int, int, int], int], fn)
 
 
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """Linux's fallocate with its modes (Python's ``os`` has only posix_fallocate, which
-    glibc emulates by writing zeros where the filesystem cannot); None where absent."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_FALLOCATE = _libc_fallocate()
+_SYNC_FILE_RANGE = _libc(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
+# fallocate with its modes: os.posix_fallocate has none, and glibc emulates it by writing
+# zeros where the filesystem cannot
+_FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
 # errors by which fallocate says "not on this filesystem" (not "no room")
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
