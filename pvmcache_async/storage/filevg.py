@@ -144,7 +144,7 @@ def _link_new(tmp: Path, final: Path, final_name: str) -> None:
     _fsync_dir(final.parent)
 
 
-def _resize(fd: int, size: int, reserving: bool = True) -> bool:
+def _resize(fd: int, size: int, reserving: bool) -> bool:
     """Empty the file, then give it its final size: reserved where the filesystem can (True),
     else as one hole.
 
@@ -157,6 +157,17 @@ def _resize(fd: int, size: int, reserving: bool = True) -> bool:
         return True
     os.ftruncate(fd, max(size, 0))
     return False
+
+
+def _run_end(data: bytes, offset: int, stop: int, end: int, zeros: bool) -> int:
+    """Where the run of blocks that starts before ``stop`` ends: the first block from ``stop``
+    on that is zeros when the run is not, or the other way round (``end`` if none is)."""
+    while stop < end:
+        nxt = min(end, stop + HOLE_BLOCK)
+        if data.startswith(_ZEROS[: nxt - stop], stop - offset) != zeros:
+            break
+        stop = nxt
+    return stop
 
 
 def write_sparse(fd: int, offset: int, data: bytes, *, punch: bool = False) -> int:
@@ -172,22 +183,14 @@ def write_sparse(fd: int, offset: int, data: bytes, *, punch: bool = False) -> i
         # the next block boundary of the file, so holes line up with filesystem blocks
         stop = min(end, (pos // HOLE_BLOCK + 1) * HOLE_BLOCK)
         i, j = pos - offset, stop - offset
-        if data.startswith(_ZEROS[: j - i], i):  # memcmp, no copy
-            while stop < end:  # to the end of the run of zero blocks
-                nxt = min(end, stop + HOLE_BLOCK)
-                if not data.startswith(_ZEROS[: nxt - stop], stop - offset):
-                    break
-                stop = nxt
+        zeros = data.startswith(_ZEROS[: j - i], i)  # memcmp, no copy
+        stop = _run_end(data, offset, stop, end, zeros)
+        if zeros:
             if punch:
                 _punch(fd, pos, stop - pos)
             pos = stop
             continue
-        # a data block: extend to the end of the run of data blocks, write it in one call
-        while stop < end:
-            nxt = min(end, stop + HOLE_BLOCK)
-            if data.startswith(_ZEROS[: nxt - stop], stop - offset):
-                break
-            stop = nxt
+        # a run of data blocks: written in one call
         view = memoryview(data)[pos - offset : stop - offset]
         while view:
             n = os.pwrite(fd, view, pos)
