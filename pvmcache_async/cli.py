@@ -209,7 +209,8 @@ def _open_cache(args: argparse.Namespace) -> ImageCache:
             retry=RetryPolicy(retries=args.retries),
         )
     settings = CacheSettings(max_downloads=args.max_downloads, max_clones=args.max_clones)
-    return ImageCache(open_vg(args.vg), glance, settings)
+    vg = open_vg(args.vg, create=args.command not in ("ls", "prune"))  # a typo makes nothing
+    return ImageCache(vg, glance, settings)
 
 
 def _iso(ts: float) -> str:

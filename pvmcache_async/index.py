@@ -4,14 +4,30 @@ It records every cache disk the cache created, with the full image id (disk name
 prefix of it), size, digest, times and state. A disk the index does not know was not created
 by the cache: it is never a hit and never removed. The methods are blocking and short; the
 core calls them through ``asyncio.to_thread``. One connection, serialised by a lock, serves all
-threads of a process; sqlite's own locking (WAL, busy timeout) serialises processes.
+threads of a process; sqlite's own locking (busy timeout) serialises processes.
+
+State that can be lost: the index is a cache of what the disks themselves record
+(``DiskIdentity``). An index that is missing, emptied or unreadable is set aside
+(``index.sqlite.corrupt-<time>``) and made anew, and ``needs_rebuild`` stays True until the
+cache has re-entered its disks from the VG (``ImageCache``, at its first call).
+
+A full volume group: a rollback journal (``journal_mode=DELETE``), not a WAL, because a WAL
+database cannot even be read when its shared-memory file cannot be made (SQLITE_IOERR_SHMSIZE
+on a full filesystem, measured), while a rollback-journal database is read without writing;
+temporary tables stay in memory. A write still needs room for its journal, so the cache deletes
+disks first and writes the index after. The index file and its journal are never opened through
+a symbolic link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sqlite3
+import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,32 +47,85 @@ CREATE TABLE IF NOT EXISTS images (
 )
 """
 _COLUMNS = "image_id, cache_disk, size, digest_algo, digest, created, last_used, state"
+_REBUILT = 1  # PRAGMA user_version once the cache has re-entered its disks into this index
+_UNREADABLE = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
+log = logging.getLogger(__name__)
 
 
 def _entry(row: tuple[str, str, int, str, str, float, float, str]) -> CacheEntry:
     return CacheEntry(*row[:7], state=EntryState(row[7]))
 
 
+class _Unreadable(Exception):
+    pass
+
+
+def _full(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
 def _index_error(path: Path, exc: sqlite3.Error) -> StorageError:
-    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return InsufficientSpace(f"cache index {path}: no space left in the volume group")
+    code = getattr(exc, "sqlite_errorcode", None)
+    # a full filesystem can also surface as an I/O error (e.g. making the journal)
+    if code == sqlite3.SQLITE_FULL or (code is not None and code & 0xFF == 10 and _full(path)):
+        return InsufficientSpace(
+            f"cache index {path}: no space left in the volume group; "
+            "remove cache disks first (prune deletes disks before it writes the index)"
+        )
     return StorageError(f"cache index {path}: {exc}")
+
+
+def _refuse_links(path: Path) -> None:
+    """The index and its journal are never opened through a symlink planted in their place."""
+    for p in (path, path.with_name(path.name + "-journal"), path.with_name(path.name + "-wal")):
+        try:
+            mode = os.lstat(p).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise StorageError(f"cache index {p} is not a regular file (a symlink?); refusing it")
 
 
 class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        _refuse_links(path)
         try:
-            self._db = sqlite3.connect(
-                path, timeout=60.0, isolation_level=None, check_same_thread=False
-            )
+            self._db = self._open()
+        except (sqlite3.DatabaseError, _Unreadable) as exc:
+            if not isinstance(exc, _Unreadable) and exc.sqlite_errorcode not in _UNREADABLE:
+                raise _index_error(path, exc) from exc
+            aside = path.with_name(f"{path.name}.corrupt-{time.time():.0f}")
+            log.warning("cache index %s is unreadable (%s); set aside as %s, rebuilding it "
+                        "from the disks", path, exc, aside.name)  # fmt: skip
+            try:
+                os.replace(path, aside)
+                self._db = self._open()
+            except (OSError, sqlite3.Error) as again:
+                raise StorageError(f"cache index {path}: unreadable ({exc}); {again}") from again
         except sqlite3.Error as exc:
             raise _index_error(path, exc) from exc
-        with self._using():
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA temp_store=MEMORY")
+            db.execute("PRAGMA busy_timeout=0")  # left in WAL if another process has it open
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("PRAGMA journal_mode=DELETE")
+            db.execute("PRAGMA busy_timeout=60000")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
+                raise _Unreadable("its integrity check failed")
+            db.execute(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[None]:
@@ -66,6 +135,19 @@ class Index:
                 yield
             except sqlite3.Error as exc:
                 raise _index_error(self.path, exc) from exc
+
+    def needs_rebuild(self) -> bool:
+        """Whether this index has not yet had the VG's disks re-entered (new or set aside)."""
+        with self._using():
+            return bool(self._db.execute("PRAGMA user_version").fetchone()[0] != _REBUILT)
+
+    def rebuilt(self) -> None:
+        with self._using():
+            self._db.execute(f"PRAGMA user_version = {_REBUILT}")
+
+    def adopt(self, entry: CacheEntry) -> bool:
+        """Enter a ready disk found in the VG; False when the image or the name has an entry."""
+        return self.reserve(entry)
 
     def get(self, image_id: str) -> CacheEntry | None:
         with self._using():

@@ -4,17 +4,26 @@
 concurrent reads of one slow source share one read that began after each of them was asked
 for. ``FileLock`` is an advisory ``flock`` on a file, shared or exclusive, that holds between
 processes (and between tasks of one process: each holder opens its own file description).
+``OwnerLocks`` tells a dead writer's temporary disks from a live one's.
+
+Lock files and their directories are never followed through a symbolic link: one planted in
+the state directory is refused, so no lock can create or truncate a file elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
-from collections.abc import Awaitable, Callable, Hashable
+import stat
+import time
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Generic, TypeVar
+
+from .errors import InsufficientSpace, StorageError
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -139,7 +148,10 @@ class FileLock:
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this holder")
         mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise _refused(self.path, "lock file", exc) from None
         try:
             fcntl.flock(fd, mode)
         except BlockingIOError:
@@ -149,7 +161,7 @@ class FileLock:
             os.close(fd)
             raise
         try:
-            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
         except FileNotFoundError:
             same = False
         if not same:  # we locked a file that was unlinked meanwhile: try again
@@ -182,3 +194,70 @@ class FileLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+class OwnerLocks:
+    """Owner locks of temporary disks: one lock file per disk name in ``directory``.
+
+    A writer holds ``<name>.lock`` exclusively (``own``) from before its temporary disk exists
+    until after the disk is gone (``disown``). The kernel drops the lock when the writer dies,
+    so a free lock, or none, marks a dead writer's leftover, and a held one a live writer's,
+    in any process; ``dead`` takes the locks of the dead ones so their disks can be removed.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def own(self, name: str) -> FileLock:
+        """Hold the owner lock of disk ``name`` (a fresh name; blocking, worker threads only)."""
+        owner = FileLock(self.directory / f"{name}.lock")
+        while not owner.try_acquire():  # a fresh name: only a sweep's brief look can hold it
+            time.sleep(0.001)
+        return owner
+
+    @staticmethod
+    def disown(owner: FileLock) -> None:
+        """Remove the owner file, then let go (its disk must be gone or published)."""
+        owner.path.unlink(missing_ok=True)  # held: a new owner of the name locks a new file
+        owner.release()
+
+    @staticmethod
+    def name_of(owner: FileLock) -> str:
+        return owner.path.name.removesuffix(".lock")
+
+    def dead(self, names: Iterable[str], prefixes: tuple[str, ...]) -> list[FileLock]:
+        """Hold the owner locks of the disks ``names`` and of the owner files starting with
+        ``prefixes`` whose writer is dead; the caller removes each disk, then ``disown``s it.
+        A lock held by a live writer, in this process or another, is skipped."""
+        paths = [self.directory / f"{name}.lock" for name in names]
+        paths += sorted(p for p in self.directory.glob("*.lock") if p.name.startswith(prefixes))
+        held = []
+        for path in dict.fromkeys(paths):  # each once, disks first
+            owner = FileLock(path)
+            if owner.try_acquire():
+                held.append(owner)
+        return held
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if needed and check it is a directory, not a symlink.
+
+    For the state directories that hold the index and the lock files: a symlink planted
+    there would make the cache create its files wherever it points."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise _refused(path, "state directory", exc) from None
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise StorageError(f"state directory {path} is {what}; refusing to use it")
+    return path
+
+
+def _refused(path: Path, what: str, exc: OSError) -> StorageError:
+    if exc.errno == errno.ELOOP:
+        return StorageError(f"{what} {path} is a symbolic link; refusing to follow it")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpace(f"{what} {path}: no space left in the volume group")
+    return StorageError(f"{what} {path}: {exc.strerror or exc}")

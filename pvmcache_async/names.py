@@ -9,14 +9,20 @@ and use only ``[a-z0-9_]``, so they are also safe file names in a file VG.
   share that prefix, so the index keeps the full image id, and the second image of a prefix
   gets a name derived from a hash of its id (``cache_disk_names`` yields the candidates).
 * instance disk: ``b_`` + the first 13 characters of the instance uuid, the same way.
-* partial download: ``p_`` + a hash of the image id; never an ``i_`` name, so that no
-  partial data is ever visible under a cache disk name, and found again after a crash.
+* partial download: ``p_`` + 13 random characters, fresh for every writer: no two writers
+  (processes, attempts) ever share one, so publishing a partial can only ever publish what its
+  own writer wrote. Never an ``i_`` name, so no partial data is visible under a cache disk
+  name. A crash's partials are found by their owner locks (``locks.OwnerLocks``), not by name.
+* temporary disk (a clone or a deploy's copy being written): ``t_`` + 13 random characters.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
+import re
+import secrets
 import uuid
 from collections.abc import Iterator
 
@@ -28,6 +34,10 @@ INSTANCE_PREFIX = "b_"
 PARTIAL_PREFIX = "p_"
 CLONE_PREFIX = "t_"
 _BODY = MAX_DISK_NAME - 2
+# the cache disk names an image may have: its short uuid, then hashed ones (see _reserve)
+MAX_CACHE_NAMES = 64
+_CACHE_NAME = re.compile(r"i_[a-z0-9_]{13}")
+_RANDOM_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def _parse_uuid(value: object, what: str) -> str:
@@ -76,10 +86,35 @@ def instance_disk_name(instance_uuid: str) -> str:
     return INSTANCE_PREFIX + _short(instance_uuid)
 
 
-def partial_disk_name(image_id: str) -> str:
-    """The name under which the image's download is written until it is verified."""
-    return PARTIAL_PREFIX + _hashed(image_id)
+def partial_disk_name() -> str:
+    """A fresh name for a download's partial disk: random, so it is its writer's alone."""
+    return PARTIAL_PREFIX + _random_body()
+
+
+def temporary_disk_name() -> str:
+    """A fresh name for a clone's (or a deploy's copy's) temporary disk, its writer's alone."""
+    return CLONE_PREFIX + _random_body()
+
+
+def _random_body() -> str:
+    return "".join(secrets.choice(_RANDOM_ALPHABET) for _ in range(_BODY))
 
 
 def is_cache_disk_name(name: str) -> bool:
-    return name.startswith(CACHE_PREFIX)
+    """Whether ``name`` has the shape of a cache disk name (``i_`` + 13 of [a-z0-9_])."""
+    return _CACHE_NAME.fullmatch(name) is not None
+
+
+def is_cache_disk_name_of(image_id: str, name: str) -> bool:
+    """Whether ``name`` is one the cache would give the image's cache disk.
+
+    An index row is acted on only when this holds: a row altered to name any other disk (an
+    instance disk, another image's cache disk) is never cloned from nor deleted."""
+    return is_cache_disk_name(name) and name in itertools.islice(
+        cache_disk_names(image_id), MAX_CACHE_NAMES
+    )
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is a partial download's or a temporary disk's."""
+    return name.startswith((PARTIAL_PREFIX, CLONE_PREFIX))

@@ -11,22 +11,32 @@ Locking, per image (``locks``):
 
 * in a process, one ``SingleFlight`` per image: one download task, any number of waiters;
 * across processes, a lock file per image in the VG's state directory: exclusive while a
-  download fills or a removal deletes the cache disk, shared while a deploy clones it.
+  download fills or a removal deletes the cache disk, shared while a deploy clones it;
+* and a second one, ``<image id>.use``, that a deploy holds shared from start to end and a
+  removal must take exclusively too (without waiting): no removal slips in between the
+  download a deploy waited for and its clone, however tight the prune loop.
 
 Crash recovery: the kernel drops a dead process's ``flock``, so whoever next holds an image's
-lock exclusively knows that no live process is filling it, and removes the partial download
-and the ``filling`` entry a crash left (``_recover``; ``sweep`` does it for every image). A lock
-file outlives its use only while its image is cached: it is unlinked, under the lock, when a
-download fails or the image is removed (``FileLock`` copes with a file unlinked under it).
+lock exclusively knows that no live process is filling it, and removes the ``filling`` entry a
+crash left (``_recover``; ``sweep`` does it for every image). Partial downloads have names of
+their writer's own and owner locks (``storage``): the VG removes a dead writer's and never a
+live one's (``remove_dead_temporaries``). A lock file outlives its use only while its image is
+cached: it is unlinked, under the lock, when a download fails or the image is removed
+(``FileLock`` copes with a file unlinked under it).
+
+Hostile state: an index row is acted on only when its cache disk name is one the cache gives
+that image (``names.is_cache_disk_name_of``) and the disk's own recorded identity, if any,
+names that image; an index that is lost or unreadable is rebuilt from the disks' identities.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -40,7 +50,7 @@ from .errors import (
 )
 from .glance import GlanceClient, Sink
 from .index import Index
-from .locks import FileLock, SingleFlight
+from .locks import FileLock, SingleFlight, private_dir
 from .models import (
     CacheEntry,
     DeployResult,
@@ -51,13 +61,16 @@ from .models import (
     PruneResult,
 )
 from .names import (
+    MAX_CACHE_NAMES,
     cache_disk_names,
     instance_disk_name,
+    is_cache_disk_name,
+    is_cache_disk_name_of,
     partial_disk_name,
     validate_image_id,
     validate_instance_uuid,
 )
-from .storage import PartialDisk, VolumeGroup
+from .storage import DiskIdentity, PartialDisk, VolumeGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -193,9 +206,9 @@ class ImageCache:
         self.vg = vg
         self.glance = glance
         self.settings = settings or CacheSettings()
-        self._lock_dir = vg.state_dir / "locks"
-        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_dir = private_dir(vg.state_dir / "locks")
         self._index = Index(vg.state_dir / "index.sqlite")
+        self._begun: asyncio.Task[None] | None = None
         self._flights: SingleFlight[str, _Fill] = SingleFlight()
         self._downloads = asyncio.Semaphore(self.settings.max_downloads)
         self._claims: list[_Claim] = []  # room promised to the downloads under way
@@ -212,7 +225,10 @@ class ImageCache:
         does not cancel the download the others wait on. An error reaches every caller
         that shared the download and is not remembered: the next call tries again.
         """
-        return await self._ensure(validate_image_id(image_id), None)
+        image_id = validate_image_id(image_id)
+        await self._begin()
+        with _about(image_id):
+            return await self._ensure(image_id, None)
 
     async def _ensure(self, image_id: str, rider: _Rider | None) -> EnsureResult:
         """``ensure``; a download that this call starts also writes ``rider``'s disk."""
@@ -239,17 +255,48 @@ class ImageCache:
         """
         image_id = validate_image_id(image_id)
         instance = validate_instance_uuid(instance_uuid)
+        await self._begin()
+        use = self._image_lock(image_id, shared=True, use=True)
+        await use.acquire()
+        try:
+            with _about(image_id):
+                return await self._deploy(image_id, instance)
+        except BaseException:
+            use.release()
+            self._drop_use_file(image_id)
+            raise
+        finally:
+            use.release()
+
+    def _drop_use_file(self, image_id: str) -> None:
+        """After a failed deploy: the use lock file goes with an image that is not cached (no
+        lock file) unless another deploy holds it."""
+        if (self._lock_dir / f"{image_id}.lock").exists():
+            return
+        use = self._image_lock(image_id, use=True)
+        if use.try_acquire():
+            try:
+                _unlink_held(use)
+            finally:
+                use.release()
+
+    async def _deploy(self, image_id: str, instance: str) -> DeployResult:
+        """``deploy``, holding the image's use lock: no removal can take its cache disk."""
         start = time.monotonic()
         disk = instance_disk_name(instance)
         if not self._swept:  # the first deploy clears what clones killed mid-way left
             self._swept = True
             await self._remove_dead_temporaries()
-        if await self.vg.disk_size(disk) is not None:
+        if await self.vg.disk_size(disk) is not None:  # refuses a symlink there too
             raise DiskExists(f"instance {instance} already has a disk {disk}", image_id=image_id)
-        first: EnsureResult | None = None
-        for attempt in range(3):  # a removal may slip in between ensure and the shared lock
+        outcome: Outcome | None = None
+        fetched = 0
+        for attempt in range(3):  # an operator's rm of the cache disk may slip in meanwhile
             ensured, copy = await self._ensure_for(image_id, disk if attempt == 0 else None)
-            first = first or ensured
+            # a download on any attempt is this deploy's miss, and all its bytes count
+            if outcome is None or ensured.result is Outcome.MISS:
+                outcome = ensured.result
+            fetched += ensured.bytes_fetched
             if copy is not None:  # the download wrote this deploy's disk too: no clone
                 await self._publish_copy(image_id, copy, disk)
                 cache_disk = ensured.cache_disk
@@ -268,19 +315,41 @@ class ImageCache:
                 instance=instance,
                 disk=disk,
                 cache_disk=cache_disk,
-                result=first.result,
-                bytes_fetched=first.bytes_fetched,
+                result=outcome,
+                bytes_fetched=fetched,
                 seconds=time.monotonic() - start,
             )
         raise CacheError(
-            "the cache disk was removed three times while deploying", image_id=image_id
+            "its cache disk was removed from under the deploy three times "
+            "(by something other than this cache's prune)",
+            image_id=image_id,
         )
 
     # -- the cache's contents -----------------------------------------------------------
 
     async def entries(self) -> list[CacheEntry]:
-        """Every image in the index, in any state."""
-        return await self._db(self._index.entries)
+        """Every image in the index, ready or being filled by a live process.
+
+        A ``filling`` entry whose image lock is free is what a dead process left, not a
+        download: it is cleared (as ``sweep`` would) and not listed. Reads only, otherwise:
+        it works on a full VG (the clearing is then left to a later call)."""
+        await self._begin()
+        listed = []
+        for entry in await self._db(self._index.entries):
+            if entry.state is EntryState.FILLING and not self._flights.in_flight(entry.image_id):
+                lock = self._image_lock(entry.image_id)
+                if lock.try_acquire():  # nobody is filling it: a dead writer's leftover
+                    try:
+                        with contextlib.suppress(StorageError):
+                            if (recovered := await self._recover(entry.image_id)) is None:
+                                _unlink_held(lock)
+                            else:
+                                listed.append(recovered)
+                    finally:
+                        lock.release()
+                    continue
+            listed.append(entry)
+        return listed
 
     async def remove(
         self, image_id: str, *, idle_for: float = 0.0, unused_since: float | None = None
@@ -295,18 +364,21 @@ class ImageCache:
         taken: a deploy that began after it is not in the snapshot, but it touched the entry).
         """
         image_id = validate_image_id(image_id)
+        await self._begin()
         if self._flights.in_flight(image_id):
             return False
         lock = self._image_lock(image_id)
         if not lock.try_acquire():
             return False
+        use = self._image_lock(image_id, use=True)
         try:
             # a download may have started meanwhile; it waits for this lock, so keep the image
-            if self._flights.in_flight(image_id):
-                return False
+            if self._flights.in_flight(image_id) or not use.try_acquire():
+                return False  # ... and a deploy holds the use lock from start to end
             entry = await self._db(self._index.get, image_id)
             if entry is None:
                 _unlink_held(lock)  # the lock file this call just created
+                _unlink_held(use)
                 return False
             if entry.state is not EntryState.READY:
                 return False
@@ -314,20 +386,28 @@ class ImageCache:
                 return False
             if unused_since is not None and entry.last_used >= unused_since:
                 return False
-            # disk first: a crash in between leaves an entry whose disk is gone, which the
-            # next ensure recognises, rather than an unknown i_ disk that nothing removes
-            await self.vg.delete(entry.cache_disk)
-            await self._db(self._index.delete, image_id)
+            with _about(image_id):
+                if not await self._owns_disk(entry):
+                    await self._db(self._index.delete, image_id)  # a row naming another disk
+                    return False
+                # disk first: a crash in between leaves an entry whose disk is gone, which the
+                # next ensure recognises, rather than an unknown i_ disk that nothing removes;
+                # and on a full VG, the index can only be written once the disk is gone
+                await self.vg.delete(entry.cache_disk)
+                await self._db(self._index.delete, image_id)
             _unlink_held(lock)
+            _unlink_held(use)
             log.info("removed cache disk %s of image %s", entry.cache_disk, image_id)
             return True
         finally:
+            use.release()
             lock.release()
 
     async def mark_used(self, image_ids: Collection[str], when: float | None = None) -> None:
         """Record that these images are in use now (nova's manager does this each pass, as
         libvirt's touches its base files), so their minimum age counts from their last use."""
         when = time.time() if when is None else when
+        await self._begin()
         for image_id in {validate_image_id(i) for i in image_ids}:
             await self._db(self._index.touch, image_id, when)
 
@@ -338,12 +418,13 @@ class ImageCache:
         and lock files that belonged to them, and clones that a crash interrupted. Whatever a
         live process (this one or another) is still doing is left alone.
         """
+        await self._begin()
         removed = await self._remove_dead_temporaries()
-        known = {e.image_id: e for e in await self.entries()}
+        known = {e.image_id: e for e in await self._db(self._index.entries)}
         candidates = {i for i, e in known.items() if e.state is EntryState.FILLING}
-        for path in self._lock_dir.glob("*.lock"):
+        for path in [*self._lock_dir.glob("*.lock"), *self._lock_dir.glob("*.use")]:
             try:
-                candidates.add(validate_image_id(path.name.removesuffix(".lock")))
+                candidates.add(validate_image_id(path.name.rpartition(".")[0]))
             except InvalidInput:
                 continue  # not one of ours
         for image_id in sorted(candidates):
@@ -354,16 +435,15 @@ class ImageCache:
             if not lock.try_acquire():
                 continue  # a live process is filling, removing or cloning it
             try:
-                partial = partial_disk_name(image_id)
-                had_partial = await self.vg.disk_size(partial) is not None
-                if await self._recover(image_id) is None:
-                    _unlink_held(lock)
-                if had_partial:
-                    removed.append(partial)
+                with _about(image_id):
+                    if await self._recover(image_id) is None:
+                        _unlink_held(lock)
+                        use = self._image_lock(image_id, use=True)
+                        if use.try_acquire():  # else a deploy is starting: it is its file
+                            _unlink_held(use)
+                            use.release()
             finally:
                 lock.release()
-        if removed:
-            log.info("removed what dead processes left: %s", " ".join(removed))
         return removed
 
     async def prune(
@@ -387,7 +467,6 @@ class ImageCache:
         if min_age < 0 or (max_bytes is not None and max_bytes < 0) or (max_count or 0) < 0:
             raise InvalidInput("min_age, max_bytes and max_count must not be negative")
         as_of = time.time() if in_use_as_of is None else in_use_as_of
-        await self.mark_used(busy, as_of)
         await self.sweep()  # what crashed processes left, before judging sizes and counts
         ready = [e for e in await self.entries() if e.state is EntryState.READY]
         ready.sort(key=lambda e: e.last_used)
@@ -416,6 +495,8 @@ class ImageCache:
             if entry.image_id not in busy and await self.remove(entry.image_id, unused_since=as_of):
                 kept.remove(entry)
                 removed.append(entry.cache_disk)
+        # after the removals: on a full VG the index can be written only once disks are gone
+        await self.mark_used(busy, as_of)
         return PruneResult(removed=removed, kept=[e.cache_disk for e in kept])
 
     async def close(self) -> None:
@@ -432,15 +513,102 @@ class ImageCache:
     async def _db(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
 
-    def _image_lock(self, image_id: str, *, shared: bool = False) -> FileLock:
+    def _image_lock(self, image_id: str, *, shared: bool = False, use: bool = False) -> FileLock:
+        """The image's lock file, or (``use``) the one deploys hold from start to end."""
         return FileLock(
-            self._lock_dir / f"{image_id}.lock", shared=shared, poll=self.settings.lock_poll
+            self._lock_dir / f"{image_id}.{'use' if use else 'lock'}",
+            shared=shared,
+            poll=self.settings.lock_poll,
         )
+
+    async def _begin(self) -> None:
+        """Before the first call does anything: rebuild an index that was lost (once)."""
+        if self._begun is None:
+            self._begun = asyncio.ensure_future(self._rebuild_if_needed())
+        begun = self._begun
+        try:
+            await asyncio.shield(begun)
+        except Exception:
+            if self._begun is begun:  # failed (e.g. the VG is unreachable): the next call retries
+                self._begun = None
+            raise
+
+    async def _rebuild_if_needed(self) -> None:
+        if not await self._db(self._index.needs_rebuild):
+            return
+        try:
+            adopted = await self.rebuild_index()
+        except InsufficientSpace as exc:  # a full VG: lists and prunes must still work
+            log.warning("cache index not rebuilt yet: %s", exc.message)
+            return
+        await self._db(self._index.rebuilt)
+        if adopted:
+            log.warning("cache index rebuilt from the disks: %s", " ".join(adopted))
+
+    async def rebuild_index(self) -> list[str]:
+        """Enter into the index every cache disk of the VG that it lacks; return their names.
+
+        A disk is entered only when its name has the cache's shape, its recorded identity
+        (``VolumeGroup.disk_identity``) names a valid image id for which the cache would give
+        that name, and its size is the recorded size; it enters as ``ready``, used now (so a
+        prune keeps it for ``min_age``). Run automatically when the index was missing, emptied
+        or unreadable (see ``index``); safe to run at any time, in any process."""
+        adopted = []
+        now = time.time()
+        for disk in await self.vg.list_disks():
+            if not is_cache_disk_name(disk.name):
+                continue
+            identity = await self.vg.disk_identity(disk.name)
+            if identity is None or disk.size != identity.size:
+                continue
+            try:
+                image_id = validate_image_id(identity.image_id)
+            except InvalidInput:
+                continue
+            if not is_cache_disk_name_of(image_id, disk.name):
+                continue
+            entry = CacheEntry(
+                image_id,
+                disk.name,
+                identity.size,
+                identity.digest_algo,
+                identity.digest,
+                now,
+                now,
+                EntryState.READY,
+            )
+            if await self._db(self._index.adopt, entry):
+                adopted.append(disk.name)
+        return adopted
+
+    async def _owns_disk(self, entry: CacheEntry) -> bool:
+        """Whether the entry's cache disk is the cache's own disk of that image: a name the
+        cache gives that image, and no recorded identity naming another (older disks have
+        none). Checked before a disk named by the index is deleted."""
+        if not is_cache_disk_name_of(entry.image_id, entry.cache_disk):
+            log.warning(
+                "index entry of image %s names disk %r, not one of its cache disk names; "
+                "dropping the entry, leaving the disk alone",
+                entry.image_id,
+                entry.cache_disk,
+            )
+            return False
+        identity = await self.vg.disk_identity(entry.cache_disk)
+        if identity is not None and identity.image_id != entry.image_id:
+            log.warning(
+                "disk %s records image %s, but the index entry is image %s's; "
+                "dropping the entry, leaving the disk alone",
+                entry.cache_disk,
+                identity.image_id,
+                entry.image_id,
+            )
+            return False
+        return True
 
     async def _remove_dead_temporaries(self) -> list[str]:
         removed = await self.vg.remove_dead_temporaries()
         if removed:
-            log.info("removed clones that dead processes left: %s", " ".join(removed))
+            log.info("removed what dead processes left: %s", " ".join(removed))
         return removed
 
     async def _ensure_for(
@@ -465,17 +633,28 @@ class ImageCache:
         except BaseException:
             await _finish(copy.discard())
             raise
-        await self._db(self._index.touch, image_id, time.time())
+        await self._touch_or_undo(image_id, disk)
 
     async def _clone(self, image_id: str, cache_disk: str, disk: str) -> None:
         await self.vg.clone(cache_disk, disk)
-        await self._db(self._index.touch, image_id, time.time())
+        await self._touch_or_undo(image_id, disk)
+
+    async def _touch_or_undo(self, image_id: str, disk: str) -> None:
+        """Record the use of a deploy's new disk; a deploy that fails here (the index full)
+        leaves no disk behind, so the same instance can be deployed again at once."""
+        try:
+            await self._db(self._index.touch, image_id, time.time())
+        except BaseException:
+            await _finish(self.vg.delete(disk))
+            raise
 
     async def _ready(self, image_id: str) -> CacheEntry | None:
         """The image's entry if it is ready and its disk is there, else None."""
         entry = await self._db(self._index.get, image_id)
         if entry is None or entry.state is not EntryState.READY:
             return None
+        if not is_cache_disk_name_of(image_id, entry.cache_disk):
+            return None  # a row altered to name another disk: _recover drops it
         if await self.vg.disk_size(entry.cache_disk) != entry.size:
             return None
         return entry
@@ -543,12 +722,18 @@ class ImageCache:
     async def _recover(self, image_id: str) -> CacheEntry | None:
         """Under the image's exclusive lock: clear what a dead process left, return a ready entry.
 
-        Holding the lock proves no live process is filling this image, so its partial disk and
-        a ``filling`` entry are leftovers of a crash.
+        Holding the lock proves no live process is filling this image, so a ``filling`` entry
+        is a leftover of a crash (and its partial disk, whose owner is dead, goes with the
+        VG's dead temporaries). An entry that names a disk not the cache's own is dropped,
+        and that disk left alone.
         """
-        await self.vg.delete(partial_disk_name(image_id))
         entry = await self._db(self._index.get, image_id)
         if entry is None:
+            return None
+        if entry.state is EntryState.FILLING:  # its writer died: give its room back first
+            await self._remove_dead_temporaries()
+        if not await self._owns_disk(entry):
+            await self._db(self._index.delete, image_id)
             return None
         size = await self.vg.disk_size(entry.cache_disk)
         if size == entry.size:
@@ -587,7 +772,7 @@ class ImageCache:
     async def _reserve(self, info: ImageInfo) -> CacheEntry:
         """Record a ``filling`` entry under the first cache disk name that is free."""
         now = time.time()
-        for name in cache_disk_names(info.id):
+        for name in itertools.islice(cache_disk_names(info.id), MAX_CACHE_NAMES):
             if await self.vg.disk_size(name) is not None:
                 continue  # a disk of another image, or one the cache did not create
             entry = CacheEntry(
@@ -602,7 +787,9 @@ class ImageCache:
             )
             if await self._db(self._index.reserve, entry):
                 return entry
-        raise AssertionError("unreachable: cache_disk_names is endless")
+        raise StorageError(
+            f"all {MAX_CACHE_NAMES} cache disk names of the image are taken", image_id=info.id
+        )
 
     async def _download(
         self, glance: GlanceClient, info: ImageInfo, entry: CacheEntry, rider: _Rider | None
@@ -610,8 +797,9 @@ class ImageCache:
         """Download into the published cache disk; return the bytes fetched and the rider's
         copy, complete but unpublished (None when there was none or it was dropped)."""
         async with self._space_for(info) as claim:
+            identity = DiskIdentity(info.id, info.size, info.digest_algo, info.digest)
             partial = await self.vg.create_partial(
-                partial_disk_name(info.id), info.size, label=info.id
+                partial_disk_name(), info.size, identity=identity
             )
             tee: _Tee | None = None
             try:
@@ -631,6 +819,17 @@ class ImageCache:
                     await _finish(tee.copy.discard())
                 raise
         return fetched, None if tee is None else tee.copy
+
+
+@contextlib.contextmanager
+def _about(image_id: str) -> Iterator[None]:
+    """A storage failure raised inside names the image (the VG's own errors cannot)."""
+    try:
+        yield
+    except StorageError as exc:
+        if exc.image_id is None:
+            raise type(exc)(exc.message, image_id=image_id) from exc
+        raise
 
 
 def _unlink_held(lock: FileLock) -> None:

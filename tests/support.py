@@ -7,7 +7,7 @@ import os
 import random
 from pathlib import Path
 
-from pvmcache_async.storage.base import PartialDisk
+from pvmcache_async.storage.base import DiskIdentity, PartialDisk
 from pvmcache_async.storage.filevg import FileVG
 
 
@@ -76,10 +76,10 @@ class GatedVG(FileVG):
         return self.reserving and await super().reserves_space()
 
     async def create_partial(
-        self, name: str, size: int, *, label: str | None = None
+        self, name: str, size: int, *, identity: DiskIdentity | None = None
     ) -> PartialDisk:
         self.partials_created += 1
-        return GatedPartial(await super().create_partial(name, size, label=label), self)
+        return GatedPartial(await super().create_partial(name, size, identity=identity), self)
 
     async def capacity(self):  # type: ignore[no-untyped-def]
         real = await super().capacity()

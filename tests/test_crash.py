@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pvmcache_async.devglance import GlanceServer
-from pvmcache_async.names import CLONE_PREFIX, partial_disk_name
+from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import disk_image, vg_files
@@ -61,6 +61,10 @@ def _wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> No
         time.sleep(0.01)
 
 
+def _partials(vg: Path) -> list[str]:
+    return [n for n in vg_files(vg) if n.startswith(PARTIAL_PREFIX)] if vg.is_dir() else []
+
+
 def _ls(vg: Path) -> list[dict[str, object]]:
     out = _run(None, vg, "ls", "--json")
     assert out.returncode == 0, out.stderr
@@ -74,20 +78,19 @@ def test_a_deploy_killed_mid_download_is_cleaned_up_by_the_next_deploy(
     data = disk_image(4 * MiB, seed=60)
     img = glance_server.create_image(data)
     vg = tmp_path / "vg"
-    partial = vg / partial_disk_name(img)
     with ThreadedFaultProxy(glance_server.url) as proxy:
         proxy.plan(img, stall(after=3 * MiB // 2))
         victim = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()))
-        _wait_for("the stall", lambda: proxy.stalled.is_set() and partial.exists())
+        _wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
         victim.send_signal(signal.SIGKILL)
         victim.communicate(timeout=30)
 
     # nothing under an i_ or instance disk name: the partial download, and the victim's own
     # disk that the download was writing alongside, under a temporary t_ name
     left = vg_files(vg)
-    assert len(left) == 2 and partial.name in left, left
-    assert next(n for n in left if n != partial.name).startswith(CLONE_PREFIX)
-    assert [row["state"] for row in _ls(vg)] == ["filling"]
+    [partial] = _partials(vg)
+    assert len(left) == 2 and partial in left, left
+    assert next(n for n in left if n != partial).startswith(CLONE_PREFIX)
 
     inst = str(uuid.uuid4())
     again = _run(glance_server.url, vg, "deploy", img, "--instance", inst, "--json")
@@ -100,25 +103,42 @@ def test_a_deploy_killed_mid_download_is_cleaned_up_by_the_next_deploy(
     assert [r["state"] for r in _ls(vg)] == ["ready"]
 
 
+def test_ls_never_shows_a_killed_download_as_filling_and_clears_it(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(4 * MiB, seed=63))
+    vg = tmp_path / "vg"
+    with ThreadedFaultProxy(glance_server.url) as proxy:
+        proxy.plan(img, stall(after=MiB))
+        victim = _start(proxy.url, vg, "prefetch", img)
+        _wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
+        assert [row["state"] for row in _ls(vg)] == ["filling"]  # alive: a live download
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=30)
+
+    assert _ls(vg) == []  # dead: not a download, and what it left is gone
+    assert vg_files(vg) == []
+
+
 def test_a_stalled_download_of_a_live_process_survives_a_prune_and_finishes(
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:
     data = disk_image(4 * MiB, seed=61)
     img = glance_server.create_image(data)
     vg = tmp_path / "vg"
-    partial = vg / partial_disk_name(img)
     runner = ThreadedFaultProxy(glance_server.url)
     with runner as proxy:
         proxy.plan(img, stall(after=MiB))
         first = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
-        _wait_for("the stall", lambda: proxy.stalled.is_set() and partial.exists())
+        _wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
+        [partial] = _partials(vg)
         second = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
 
         pruned = _run(None, vg, "prune", "--min-age", "0", "--json")
 
         assert pruned.returncode == 0, pruned.stderr
         assert json.loads(pruned.stdout) == {"removed": [], "kept": []}
-        assert partial.exists() and first.poll() is None  # the live download was left alone
+        assert _partials(vg) == [partial] and first.poll() is None  # the live one left alone
         runner.release_stalls()
         outs = [p.communicate(timeout=60) for p in (first, second)]
         assert [p.returncode for p in (first, second)] == [0, 0], outs
@@ -129,7 +149,7 @@ def test_a_stalled_download_of_a_live_process_survives_a_prune_and_finishes(
     assert rows[0]["result"] == "miss" and rows[1]["result"] in ("joined", "hit")
     for r in rows:
         assert (vg / r["disk"]).read_bytes() == data
-    assert not partial.exists()
+    assert _partials(vg) == []
 
 
 _CLONE_HELPER = textwrap.dedent(
@@ -140,7 +160,7 @@ _CLONE_HELPER = textwrap.dedent(
 
     vg = FileVG(Path(sys.argv[1]))
     tmp = vg.path_of("t_0123456789abc")
-    owner = vg._own_temp(tmp)  # what FileVG.clone does before it copies; held until killed
+    owner = vg.owners.own(tmp.name)  # what FileVG.clone does before it copies; held till killed
     with open(tmp, "wb") as f:
         f.write(b"half a clone" * 1000)
     print("cloning", flush=True)
@@ -179,7 +199,7 @@ def test_a_clone_killed_mid_copy_is_removed_by_the_next_deploy(
     row = json.loads(out.stdout)
     assert sorted(vg_files(vg)) == sorted([row["cache_disk"], row["disk"]])
     assert (vg / row["disk"]).read_bytes() == data
-    assert list((vg / ".pvmcache" / "clones").iterdir()) == []
+    assert list((vg / ".pvmcache" / "owners").iterdir()) == []
 
 
 def test_a_clone_still_running_in_another_process_is_left_alone(tmp_path: Path) -> None:

@@ -215,7 +215,7 @@ async def test_a_pass_clears_what_a_crashed_download_left(tmp_path: Path) -> Non
                        EntryState.FILLING)  # fmt: skip
     assert index.reserve(entry)
     index.close()
-    (tmp_path / "vg" / partial_disk_name(img)).write_bytes(b"\0" * 4096)
+    (tmp_path / "vg" / partial_disk_name()).write_bytes(b"\0" * 4096)  # its owner is dead
     cache = ImageCache(vg)
     try:
         result = await cache.prune(min_age=0)

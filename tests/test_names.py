@@ -14,7 +14,11 @@ from pvmcache_async.names import (
     MAX_DISK_NAME,
     cache_disk_names,
     instance_disk_name,
+    is_cache_disk_name,
+    is_cache_disk_name_of,
+    is_temporary_name,
     partial_disk_name,
+    temporary_disk_name,
     validate_image_id,
     validate_instance_uuid,
 )
@@ -54,11 +58,13 @@ def test_ids_are_canonicalised_to_lower_case() -> None:
 def test_all_names_fit_powervm_and_are_plain(u: uuid.UUID) -> None:
     image = str(u)
     names = [*itertools.islice(cache_disk_names(image), 4), instance_disk_name(image)]
-    names.append(partial_disk_name(image))
+    names += [partial_disk_name(), temporary_disk_name()]
     for name in names:
         assert len(name) <= MAX_DISK_NAME
         assert name.replace("_", "").isalnum() and name.isascii()
-    assert not partial_disk_name(image).startswith("i_")
+    assert not partial_disk_name().startswith("i_")
+    assert all(is_cache_disk_name_of(image, n) for n in names[:4])
+    assert not is_cache_disk_name_of(image, names[4])  # the instance disk
 
 
 def test_images_sharing_a_prefix_get_distinct_fallback_names() -> None:
@@ -69,4 +75,12 @@ def test_images_sharing_a_prefix_get_distinct_fallback_names() -> None:
     assert list(itertools.islice(cache_disk_names(a), 1, 4)) != list(
         itertools.islice(cache_disk_names(b), 1, 4)
     )  # ... the fallbacks do not
-    assert partial_disk_name(a) != partial_disk_name(b)
+    assert not is_cache_disk_name_of(b, next(itertools.islice(cache_disk_names(a), 1, 2)))
+
+
+def test_every_writer_gets_a_partial_name_of_its_own() -> None:
+    names = {partial_disk_name() for _ in range(1000)} | {
+        temporary_disk_name() for _ in range(1000)
+    }
+    assert len(names) == 2000
+    assert all(is_temporary_name(n) and not is_cache_disk_name(n) for n in names)

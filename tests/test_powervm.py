@@ -45,8 +45,8 @@ from pvmcache_async import (
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.errors import DiskExists, StorageError
 from pvmcache_async.models import ImageInfo
-from pvmcache_async.names import instance_disk_name, partial_disk_name
-from pvmcache_async.storage import open_vg
+from pvmcache_async.names import PARTIAL_PREFIX, instance_disk_name, partial_disk_name
+from pvmcache_async.storage import DiskIdentity, open_vg
 from pvmcache_async.storage.powervm import (
     PASSWORD_ENV,
     PowerVMPartialDisk,
@@ -314,7 +314,8 @@ async def test_miss_creates_partial_streams_then_renames_after_the_digest_matche
 
     result = await cache.ensure(image)
 
-    partial = partial_disk_name(image)
+    partial = pvm.ops()[0][1]
+    assert partial.startswith(PARTIAL_PREFIX)  # a name of this writer's own
     assert result.result is Outcome.MISS and result.bytes_fetched == len(data)
     assert pvm.ops() == [
         ("create", partial),
@@ -405,7 +406,7 @@ async def test_failed_digest_removes_the_partial_and_renames_nothing(
     finally:
         await cache.close()
 
-    partial = partial_disk_name(image)
+    partial = pvm.ops()[0][1]
     assert pvm.ops() == [("create", partial), ("delete", partial)]
     assert not any(c[0] in ("rename", "upload") for c in pvm.calls)
     assert _leftovers(pvm) == []
@@ -422,7 +423,8 @@ async def test_upload_exception_stops_the_download_and_leaves_no_disk(
         await cache.ensure(image)
 
     assert _leftovers(pvm) == []
-    assert ("delete", partial_disk_name(image)) in pvm.ops()
+    created = [c[1] for c in pvm.ops() if c[0] == "create"]
+    assert ("delete", created[0]) in pvm.ops()
     assert not any(c[0] == "rename" for c in pvm.calls)
     assert glance_server.bytes_served(image) < size  # the download stopped early
     assert await cache.entries() == []
@@ -437,10 +439,10 @@ async def test_etag_mismatch_on_rename_is_retried(
 
     result = await cache.ensure(image)
 
-    partial = partial_disk_name(image)
     mismatches = [c for c in pvm.calls if c[0] == "etag_mismatch"]
     assert len(mismatches) == 2
-    assert pvm.ops()[-1] == ("rename", partial, result.cache_disk)
+    op, partial, final = pvm.ops()[-1]
+    assert (op, final) == ("rename", result.cache_disk) and partial.startswith(PARTIAL_PREFIX)
     assert pvm.content(result.cache_disk) == data
 
 
@@ -468,18 +470,36 @@ async def test_partial_left_by_a_crash_is_removed_and_never_cloned(
     data = disk_image(MiB, seed=56)
     image = glance_server.create_image(data)
     t = vg.target_sync()
-    partial = partial_disk_name(image)
-    pvm_stg.crt_vdisk(pvm.adpt, t.vios_uuid, t.vg_uuid, partial, 1)  # what a dead process left
+    partial = partial_disk_name()
+    pvm_stg.crt_vdisk(pvm.adpt, t.vios_uuid, t.vg_uuid, partial, 1)  # a dead writer's: no owner
     pvm.calls.clear()
 
     deployed = await cache.deploy(image, str(uuid.uuid4()))
 
     ops = pvm.ops()
     assert ops[0] == ("delete", partial)
-    assert ("create", partial) in ops
-    assert all(c[1] != partial for c in ops if c[0] == "copy")
+    assert [c[1].startswith(PARTIAL_PREFIX) for c in ops if c[0] == "create"] == [True]
+    assert all(c[1] != partial for c in ops if c[0] in ("create", "copy"))
     assert pvm.content(deployed.disk) == data
     assert partial not in pvm.names()
+
+
+async def test_a_partial_whose_writer_is_alive_is_never_removed(
+    cache: ImageCache, pvm: FakePowerVM, vg: PowerVMVG, glance_server: GlanceServer
+) -> None:
+    image = glance_server.create_image(disk_image(MiB, seed=58))
+    partial = await vg.create_partial(partial_disk_name(), MiB)  # a live writer's, not yet sent
+    await partial.write(b"\0" * 4096)
+    await asyncio.sleep(0.05)  # its upload thread has created the disk
+    assert partial.name in pvm.names()
+
+    await cache.deploy(image, str(uuid.uuid4()))
+    await cache.sweep()
+
+    assert partial.name in pvm.names()
+    await partial.discard()
+    assert partial.name not in pvm.names()
+    assert await cache.sweep() == []
 
 
 async def test_rewind_drops_the_sent_stream_and_starts_a_new_disk(
@@ -516,11 +536,12 @@ async def test_publish_never_replaces_an_existing_disk(vg: PowerVMVG, pvm: FakeP
 
 async def test_label_records_the_image_id_when_given(vg: PowerVMVG, pvm: FakePowerVM) -> None:
     image = str(uuid.uuid4())
-    partial = await vg.create_partial("p_labeled", 3, label=image)
+    partial = await vg.create_partial("p_labeled", 3, identity=DiskIdentity(image, 3))
     await partial.write(b"abc")
     await partial.publish("i_labeled")
 
     assert pvm.disk("i_labeled").label == image
+    assert await vg.disk_identity("i_labeled") == DiskIdentity(image, 3)
 
 
 async def test_capacity_is_whole_free_gb_of_the_vg(vg: PowerVMVG) -> None:

@@ -179,7 +179,7 @@ class CacheMachine(RuleBasedStateMachine):
             lock = FileLock(path)
             assert lock.try_acquire(), f"{path.name} is held after every step ended"
             lock.release()
-        assert list((self.vg / ".pvmcache" / "clones").iterdir()) == []
+        assert list((self.vg / ".pvmcache" / "owners").iterdir()) == []
 
 
 def _sha(path: Path) -> bytes:

@@ -8,6 +8,12 @@ Contract shared by every backend:
 * A disk is visible under a name only once it is complete: ``PartialDisk.publish`` and
   ``VolumeGroup.clone`` make the target name appear atomically, never half-written.
 * Neither ever replaces an existing disk: a taken target name raises ``DiskExists``.
+* Publishing makes visible exactly the disk its own writer filled: temporary names are fresh
+  per writer, and a partial disk whose name now holds another disk is not published.
+* A published cache disk carries its identity (``DiskIdentity``) with it, so that the cache
+  can tell its own disks and rebuild a lost index from the VG alone.
+* Temporary disks (partials, clones being made) are owned by their writer; a dead writer's
+  are found by ``remove_dead_temporaries``, a live writer's are never touched.
 * Blocking work (system calls, REST calls) runs off the event loop thread.
 """
 
@@ -22,6 +28,16 @@ from pathlib import Path
 class DiskInfo:
     name: str
     size: int  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DiskIdentity:
+    """What a cache disk records of its image, with the disk itself (not only in the index)."""
+
+    image_id: str
+    size: int  # bytes
+    digest_algo: str = ""  # "" where the backend cannot record it
+    digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +89,18 @@ class VolumeGroup(abc.ABC):
 
     @abc.abstractmethod
     async def create_partial(
-        self, name: str, size: int, *, label: str | None = None
+        self, name: str, size: int, *, identity: DiskIdentity | None = None
     ) -> PartialDisk:
-        """Start a new disk of ``size`` bytes under the temporary ``name`` (must be free).
+        """Start a new disk of ``size`` bytes under the temporary ``name`` (must be free),
+        owned by the caller until it is published or discarded (see the module docstring).
 
-        ``label`` is the image id, for backends whose disks carry one (PowerVM); the index
-        records it in any case."""
+        ``identity``: recorded with the disk when it is published (a cache disk)."""
         raise NotImplementedError
+
+    async def disk_identity(self, name: str) -> DiskIdentity | None:
+        """The identity recorded with disk ``name`` when it was published, or None (no such
+        disk, or none recorded: a disk the cache did not publish, or an older one)."""
+        return None
 
     async def create_copy(self, target: str, size: int) -> PartialDisk | None:
         """A disk for ``target`` to fill alongside a download of ``size`` bytes, or None.
@@ -115,7 +136,8 @@ class VolumeGroup(abc.ABC):
         raise NotImplementedError
 
     async def remove_dead_temporaries(self) -> list[str]:
-        """Remove temporary disks (e.g. half-made clones) whose process died; return their names.
+        """Remove temporary disks (partial downloads, half-made clones) whose writer died;
+        return their names.
 
         Must never touch a temporary disk that a live process, this one included, still
         uses. The default has none to remove.

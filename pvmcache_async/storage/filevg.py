@@ -2,13 +2,23 @@
 
 The embedded default backend, which runs anywhere. Files whose names start with a dot are
 not disks (``.pvmcache/`` holds the index and the lock files). A partial disk is a file under
-its temporary name; publishing hard-links it to the final name (``link`` fails rather than
-replace an existing file, so nothing is ever overwritten) and then unlinks the temporary name.
+a temporary name of its writer's own; publishing hard-links the very file its writer holds open
+(``/proc/self/fd``) to the final name (``link`` fails rather than replace an existing file, so
+nothing is ever overwritten), then unlinks the temporary name if it still names that file.
+Whatever happened to the temporary name meanwhile, only the writer's own bytes are published.
 
-A clone is copied into a temporary ``t_`` file whose owner holds an exclusive ``flock`` on
-``.pvmcache/clones/<name>.lock`` from before the file exists until after it is gone. The kernel
-drops the lock when the owner dies, so ``remove_dead_temporaries`` can tell a clone that a
-SIGKILL interrupted (lock free, or no lock file) from one still running (lock held).
+Every temporary disk (a partial download ``p_``, a clone or copy being made ``t_``) has an
+owner holding an exclusive ``flock`` on ``.pvmcache/owners/<name>.lock`` from before the file
+exists until after it is gone (``locks.OwnerLocks``). The kernel drops the lock when the owner
+dies, so ``remove_dead_temporaries`` can tell a file that a SIGKILL left (lock free, or no lock
+file) from one still being written (lock held).
+
+Hostile state: nothing is followed through a symbolic link. Disks are created with
+``O_EXCL | O_NOFOLLOW``, opened with ``O_NOFOLLOW``, and a symlink (or anything but a regular
+file) under a disk name is refused with an error naming it. Disks are created with mode 0600
+(``mode``), as they hold guests' data. A published cache disk records its image's identity in
+extended attributes (``user.pvmcache.image_id``, ``.size``, ``.digest``), read back by
+``disk_identity``; where the filesystem has no user xattrs it records nothing.
 
 Space and speed (measured in ``benchmarks/README.md``):
 
@@ -38,8 +48,7 @@ import errno
 import fcntl
 import os
 import re
-import secrets
-import time
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,9 +57,9 @@ from typing import Literal, cast
 import aiofiles.os
 
 from ..errors import DiskExists, InsufficientSpace, InvalidInput, StorageError
-from ..locks import FileLock
-from ..names import CLONE_PREFIX, MAX_DISK_NAME
-from .base import Capacity, DiskInfo, PartialDisk, VolumeGroup
+from ..locks import FileLock, OwnerLocks, private_dir
+from ..names import CLONE_PREFIX, PARTIAL_PREFIX, is_temporary_name, temporary_disk_name
+from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
 
 _DISK_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 _COPY_CHUNK = 1 << 30  # per copy_file_range call; the kernel copies without user space
@@ -61,6 +70,12 @@ FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 WRITEBACK_PIECE = 4 << 20  # a clone starts the writeback of each piece this size as it goes
 CLONE_THREADS = 8  # clones at once per VG (the cache allows 8 by default, max_clones)
+DISK_MODE = 0o600  # a disk holds a guest's data: readable by its owner only
+_XATTR = "user.pvmcache."  # + image_id, size, digest ("algo:hex")
+# errors by which setxattr says "no user xattrs here": the disk then records no identity
+_NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+_PROC_FD = Path("/proc/self/fd")
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400  # linux/fcntl.h
 CloneMethod = Literal["auto", "reflink", "sparse", "copy"]
 
 
@@ -106,6 +121,30 @@ def _punch(fd: int, offset: int, length: int) -> None:
         _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
+def _linkat_libc() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, bytes, int, bytes, int], int], fn)
+
+
+# os.link calls link(2), which would link /proc/self/fd/N itself (EXDEV), not the file it names
+_LINKAT = _linkat_libc()
+
+
+def _link_open_file(fd: int, final: Path) -> None:
+    """Link the file open as ``fd`` to ``final`` (``linkat`` of ``/proc/self/fd/N`` following
+    the magic link), failing with ``FileExistsError`` rather than replacing."""
+    assert _LINKAT is not None
+    src = str(_PROC_FD / str(fd)).encode()
+    if _LINKAT(_AT_FDCWD, src, _AT_FDCWD, os.fsencode(final), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(final))
+
+
 HAVE_WRITEBACK = _SYNC_FILE_RANGE is not None  # else start_writeback does nothing
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of dirty pages, do not wait
 
@@ -126,6 +165,17 @@ def _storage_error(what: str, exc: OSError) -> StorageError:
     return StorageError(f"{what}: {exc.strerror or exc}")
 
 
+def _check_disk(name: str, mode: int) -> None:
+    """Refuse what is not a regular file under a disk name (a planted symlink, a directory)."""
+    if stat.S_ISLNK(mode):
+        raise StorageError(
+            f"disk {name} is a symbolic link, not a disk the cache made; refusing it "
+            "(remove the link)"
+        )
+    if not stat.S_ISREG(mode):
+        raise StorageError(f"disk {name} is not a regular file; refusing it")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -134,14 +184,58 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _link_new(tmp: Path, final: Path, final_name: str) -> None:
-    """Give ``tmp`` the name ``final``, failing rather than replacing, then drop ``tmp``."""
+def _link_new(fd: int, tmp: Path, final: Path, final_name: str) -> None:
+    """Give the file open as ``fd`` (written under ``tmp``) the name ``final``, failing rather
+    than replacing; then drop ``tmp`` if it still names that file.
+
+    The link is made from the open file itself, so the file published is the one its writer
+    wrote, even if ``tmp`` was removed or replaced meanwhile (an operator's ``rm``, a planted
+    file): then it fails, or publishes the writer's own file, never another."""
+    ino = os.fstat(fd).st_ino
     try:
-        os.link(tmp, final)
+        if _LINKAT is not None and _PROC_FD.is_dir():
+            _link_open_file(fd, final)
+        else:  # no /proc: link by name, after checking the name still holds our file
+            if os.lstat(tmp).st_ino != ino:
+                raise FileNotFoundError(errno.ENOENT, "replaced", str(tmp))
+            os.link(tmp, final, follow_symlinks=False)
     except FileExistsError:
         raise DiskExists(f"disk {final_name} already exists in the volume group") from None
-    os.unlink(tmp)
+    except FileNotFoundError:  # the writer's file was unlinked under it
+        raise StorageError(
+            f"{tmp.name} was removed while it was written; not publishing it"
+        ) from None
+    with contextlib.suppress(FileNotFoundError):
+        if os.lstat(tmp).st_ino == ino:
+            os.unlink(tmp)
     _fsync_dir(final.parent)
+
+
+def _set_identity(fd: int, identity: DiskIdentity) -> None:
+    """Record ``identity`` in the file's extended attributes (nothing where there are none)."""
+    values = {
+        "image_id": identity.image_id,
+        "size": str(identity.size),
+        "digest": f"{identity.digest_algo}:{identity.digest}",
+    }
+    try:
+        for key, value in values.items():
+            os.setxattr(fd, _XATTR + key, value.encode())
+    except OSError as exc:
+        if exc.errno not in _NO_XATTR:
+            raise
+
+
+def _get_identity(path: Path) -> DiskIdentity | None:
+    try:
+        image_id = os.getxattr(path, _XATTR + "image_id", follow_symlinks=False).decode()
+        size = int(os.getxattr(path, _XATTR + "size", follow_symlinks=False))
+        algo, _, digest = (
+            os.getxattr(path, _XATTR + "digest", follow_symlinks=False).decode().partition(":")
+        )
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # no such disk, no xattrs here, or not recorded (not a disk we published)
+    return DiskIdentity(image_id, size, algo, digest)
 
 
 def _resize(fd: int, size: int, reserving: bool) -> bool:
@@ -206,8 +300,9 @@ class FilePartialDisk(PartialDisk):
         path: Path,
         fd: int,
         size: int,
-        owner: FileLock | None,
+        owner: FileLock,
         reserved: bool,
+        identity: DiskIdentity | None,
     ) -> None:
         self.name = name
         self._vg = vg
@@ -216,13 +311,13 @@ class FilePartialDisk(PartialDisk):
         self._size = size
         self._reserved = reserved  # its room taken up front: zero runs are punched out
         self._offset = 0
-        self._owner = owner  # a temporary disk's owner lock, held until the file is gone
+        self._owner: FileLock | None = owner  # held until the file is published or gone
+        self._identity = identity
 
     def _disown(self) -> None:
         if self._owner is not None:
             owner, self._owner = self._owner, None
-            owner.path.unlink(missing_ok=True)
-            owner.release()
+            OwnerLocks.disown(owner)
 
     def _handle(self) -> int:
         if self._fd is None:
@@ -260,14 +355,19 @@ class FilePartialDisk(PartialDisk):
         final = self._vg.path_of(final_name)
         fd = self._handle()
         try:
-            await asyncio.to_thread(os.ftruncate, fd, self._offset)  # trailing holes count too
-            await asyncio.to_thread(os.fsync, fd)
-            self._fd = None
-            os.close(fd)
-            await asyncio.to_thread(_link_new, self._path, final, final_name)
+            await asyncio.to_thread(self._publish_sync, fd, final, final_name)
         except OSError as exc:
             raise _storage_error(f"publishing {self.name} as {final_name}", exc) from exc
+        self._fd = None
+        os.close(fd)
         self._disown()
+
+    def _publish_sync(self, fd: int, final: Path, final_name: str) -> None:
+        os.ftruncate(fd, self._offset)  # trailing holes count too
+        if self._identity is not None:
+            _set_identity(fd, self._identity)
+        os.fsync(fd)
+        _link_new(fd, self._path, final, final_name)
 
     async def discard(self) -> None:
         if self._fd is not None:
@@ -359,8 +459,13 @@ class FileVG(VolumeGroup):
         clone_method: CloneMethod = "auto",
         writeback: bool = True,
         reserve: bool = True,
+        mode: int = DISK_MODE,
+        create: bool = True,
     ) -> None:
+        if not create and not root.is_dir():
+            raise InvalidInput(f"file VG {root}: no such directory")
         self.root = root
+        self.mode = mode  # of every disk made here
         self.reserve = reserve  # a partial disk takes its whole room when it is made
         self.sparse = sparse  # zero blocks of a download become holes
         self.writeback = writeback  # start writing each chunk to the device as it arrives
@@ -372,11 +477,12 @@ class FileVG(VolumeGroup):
         self._clone_threads = ThreadPoolExecutor(CLONE_THREADS, thread_name_prefix="filevg-clone")
         self.spec = f"file:{root}"
         self.state_dir = root / ".pvmcache"
-        self._clone_locks = self.state_dir / "clones"
         try:
-            self._clone_locks.mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"file VG {root}: cannot create it ({exc.strerror})") from exc
+        private_dir(self.state_dir)
+        self.owners = OwnerLocks(private_dir(self.state_dir / "owners"))
 
     def path_of(self, name: str) -> Path:
         """The file of disk ``name``; the name is checked so it can only be a plain file name."""
@@ -397,50 +503,69 @@ class FileVG(VolumeGroup):
         return await asyncio.to_thread(scan)
 
     async def disk_size(self, name: str) -> int | None:
+        path = self.path_of(name)
         try:
-            return (await aiofiles.os.stat(self.path_of(name))).st_size
+            st = await asyncio.to_thread(os.lstat, path)
         except FileNotFoundError:
             return None
+        _check_disk(name, st.st_mode)
+        return st.st_size
+
+    async def disk_identity(self, name: str) -> DiskIdentity | None:
+        if await self.disk_size(name) is None:  # also refuses a symlink
+            return None
+        return await asyncio.to_thread(_get_identity, self.path_of(name))
 
     async def create_partial(
-        self, name: str, size: int, *, label: str | None = None
+        self, name: str, size: int, *, identity: DiskIdentity | None = None
     ) -> PartialDisk:
-        return await self._create(name, size, None)
+        return await self._create(name, size, identity)
 
     async def create_copy(self, target: str, size: int) -> PartialDisk | None:
-        self.path_of(target)  # a bad name fails now, not after the download
+        await self._check_free(target)  # a bad or taken name fails now, not after the download
         if await asyncio.to_thread(self._reflinks):
             return None  # a reflink clone is free and shares the blocks; a tee would not
-        tmp = self._temp_path()
-        owner = await asyncio.to_thread(self._own_temp, tmp)
-        try:
-            return await self._create(tmp.name, size, owner)
-        except BaseException:
-            owner.path.unlink(missing_ok=True)
-            owner.release()
-            raise
+        return await self._create(temporary_disk_name(), size, None)
 
-    async def _create(self, name: str, size: int, owner: FileLock | None) -> FilePartialDisk:
-        path = self.path_of(name)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    async def _check_free(self, name: str) -> None:
+        if await self.disk_size(name) is not None:
+            raise DiskExists(f"disk {name} already exists in the volume group")
+
+    def _open_new(self, path: Path) -> int:
+        """Create the file of a new disk: never through a symlink, never an existing file."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, self.mode)
         try:
-            fd = await asyncio.to_thread(os.open, path, flags, 0o644)
-        except FileExistsError:
-            raise DiskExists(f"partial disk {name} already exists in the volume group") from None
-        except OSError as exc:
-            raise _storage_error(f"creating partial disk {name}", exc) from exc
-        try:
-            reserved = await asyncio.to_thread(_resize, fd, size, self.reserve)
-        except OSError as exc:
+            os.fchmod(fd, self.mode)  # exactly the mode asked, whatever the umask
+        except BaseException:
             os.close(fd)
-            await aiofiles.os.unlink(path)
-            raise _storage_error(f"creating partial disk {name} of {size} bytes", exc) from exc
+            raise
+        return fd
+
+    async def _create(self, name: str, size: int, identity: DiskIdentity | None) -> FilePartialDisk:
+        path = self.path_of(name)
+        owner = await asyncio.to_thread(self.owners.own, name)
+        try:
+            try:
+                fd = await asyncio.to_thread(self._open_new, path)
+            except FileExistsError:
+                raise DiskExists(
+                    f"partial disk {name} already exists in the volume group"
+                ) from None
+            except OSError as exc:
+                raise _storage_error(f"creating partial disk {name}", exc) from exc
+            try:
+                reserved = await asyncio.to_thread(_resize, fd, size, self.reserve)
+            except OSError as exc:
+                os.close(fd)
+                await aiofiles.os.unlink(path)
+                raise _storage_error(f"creating partial disk {name} of {size} bytes", exc) from exc
+        except BaseException:
+            OwnerLocks.disown(owner)
+            raise
         if size > 0 and self.reserve:
             self._reserve_works = reserved  # what happened, over what the probe foresaw
-        return FilePartialDisk(self, name, path, fd, size, owner, reserved)
-
-    def _temp_path(self) -> Path:
-        return self.path_of((CLONE_PREFIX + secrets.token_hex(8))[:MAX_DISK_NAME])
+        return FilePartialDisk(self, name, path, fd, size, owner, reserved, identity)
 
     async def reserves_space(self) -> bool:
         if not self.reserve:
@@ -459,20 +584,14 @@ class FileVG(VolumeGroup):
 
     async def clone(self, source: str, target: str) -> None:
         src, dst = self.path_of(source), self.path_of(target)
-        tmp = self._temp_path()
+        await self._check_free(target)  # fail before copying rather than after
+        tmp = self.path_of(temporary_disk_name())
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._clone_threads, self._clone_sync, src, tmp, dst, target
             )
         except OSError as exc:
             raise _storage_error(f"cloning {source} to {target}", exc) from exc
-
-    def _own_temp(self, tmp: Path) -> FileLock:
-        """Hold the owner lock of temporary disk ``tmp`` (taken before ``tmp`` exists)."""
-        owner = FileLock(self._clone_locks / f"{tmp.name}.lock")
-        while not owner.try_acquire():  # a fresh name: only a sweep's brief look can hold it
-            time.sleep(0.001)
-        return owner
 
     def _copy(self, sfd: int, dfd: int) -> None:
         method = self.clone_method
@@ -491,25 +610,24 @@ class FileVG(VolumeGroup):
             copy_sparse(sfd, dfd, size, piece)
 
     def _clone_sync(self, src: Path, tmp: Path, dst: Path, target: str) -> None:
-        if dst.exists():  # fail before copying rather than after
-            raise DiskExists(f"disk {target} already exists in the volume group")
-        owner = self._own_temp(tmp)
+        owner = self.owners.own(tmp.name)
         try:
-            sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+            sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                dfd = self._open_new(tmp)
                 try:
                     self._copy(sfd, dfd)
                     os.fsync(dfd)
+                    _link_new(dfd, tmp, dst, target)
                 finally:
                     os.close(dfd)
-                _link_new(tmp, dst, target)
             finally:
                 os.close(sfd)
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISREG(os.lstat(tmp).st_mode):
+                        tmp.unlink()
         finally:  # the temporary disk is gone before its owner file: never a live one unowned
-            owner.path.unlink(missing_ok=True)
-            owner.release()
+            OwnerLocks.disown(owner)
 
     async def remove_dead_temporaries(self) -> list[str]:
         return await asyncio.to_thread(self._remove_dead_temporaries)
@@ -517,22 +635,17 @@ class FileVG(VolumeGroup):
     def _remove_dead_temporaries(self) -> list[str]:
         removed = []
         with os.scandir(self.root) as entries:
-            temps = [e.name for e in entries if e.name.startswith(CLONE_PREFIX)]
+            temps = [e.name for e in entries if is_temporary_name(e.name)]
         # a temporary disk whose owner lock is free (or had no owner file) lost its owner;
         # then owner files whose temporary disk is already gone and whose owner is dead
-        owners = [self._clone_locks / f"{name}.lock" for name in temps]
-        owners += self._clone_locks.glob(f"{CLONE_PREFIX}*.lock")
-        for path in dict.fromkeys(owners):  # each once, temporaries with a disk first
-            owner = FileLock(path)
-            if not owner.try_acquire():
-                continue  # a live clone
+        for owner in self.owners.dead(temps, (PARTIAL_PREFIX, CLONE_PREFIX)):
             try:
+                name = OwnerLocks.name_of(owner)
                 with contextlib.suppress(FileNotFoundError):
-                    (self.root / path.name.removesuffix(".lock")).unlink()
-                    removed.append(path.name.removesuffix(".lock"))
-                path.unlink(missing_ok=True)  # held: a new owner locks a new file
+                    (self.root / name).unlink()
+                    removed.append(name)
             finally:
-                owner.release()
+                OwnerLocks.disown(owner)
         return removed
 
     async def delete(self, name: str) -> None:

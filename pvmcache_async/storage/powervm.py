@@ -13,6 +13,12 @@ the digest matched. The stream reaches pypowervm's reading thread through a boun
 it is empty, and the end of the stream is only sent in ``publish``, so an upload whose digest
 failed never completes on the server.
 
+Each partial disk has a fresh name of its writer's own, and an owner lock in
+``state_dir/owners`` (``locks.OwnerLocks``) held from before the upload creates it until it is
+renamed or removed, so ``remove_dead_temporaries`` removes the partials of a dead process and
+never a live one's. ``publish`` renames the disk by the udid its own upload created, never by
+name. A published cache disk carries the image id as its label: ``disk_identity`` reads it.
+
 PowerVM sizes disks in whole GB, so a disk is larger than the image it holds. The exact byte
 size of each disk this backend filled or cloned is kept beside the index (``state_dir/disks``),
 keyed by the disk's udid, so that ``disk_size`` reports the image's size for the core's check.
@@ -37,9 +43,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import CacheError, DiskExists, InvalidInput, StorageError
-from ..locks import SharedRead
-from ..names import MAX_DISK_NAME
-from .base import Capacity, DiskInfo, PartialDisk, VolumeGroup
+from ..locks import FileLock, OwnerLocks, SharedRead, private_dir
+from ..names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
+from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
 
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")
@@ -358,10 +364,13 @@ class _Seen:
     udid: str | None
     capacity_gb: float
     file_format: str | None
+    label: str | None = None
 
     @classmethod
     def of(cls, vdisk: Any) -> _Seen:
-        return cls(_disk_name(vdisk), vdisk.udid, vdisk.capacity or 0.0, vdisk.file_format)
+        return cls(
+            _disk_name(vdisk), vdisk.udid, vdisk.capacity or 0.0, vdisk.file_format, vdisk.label
+        )
 
 
 def _disk_name(vdisk: Any) -> str:
@@ -389,11 +398,14 @@ class _Look:
 class PowerVMPartialDisk(PartialDisk):
     """A disk being uploaded under its partial name; ``publish`` renames it after the check."""
 
-    def __init__(self, vg: PowerVMVG, name: str, size: int, label: str | None) -> None:
+    def __init__(
+        self, vg: PowerVMVG, name: str, size: int, label: str | None, owner: FileLock
+    ) -> None:
         self.name = name
         self.size = size
         self._vg = vg
         self._label = label
+        self._owner = owner  # held until the disk is renamed or removed
         self._buffer: StreamBuffer | None = None
         self._upload: asyncio.Future[Any] | None = None
         self._closed = False
@@ -477,6 +489,7 @@ class PowerVMPartialDisk(PartialDisk):
         await self._vg.rename(vdisk.udid, self.name, final_name, self._label, self.size)
         self._closed = True
         self._vg.release_upload_slot(self)
+        OwnerLocks.disown(self._owner)
 
     async def discard(self) -> None:
         if self._closed:
@@ -485,6 +498,7 @@ class PowerVMPartialDisk(PartialDisk):
         try:
             await self._stop_upload("discarded")
             await self._vg.delete(self.name)
+            OwnerLocks.disown(self._owner)  # kept when the delete failed: a sweep retries it
         finally:
             self._vg.release_upload_slot(self)
 
@@ -525,6 +539,8 @@ class PowerVMVG(VolumeGroup):
             raise StorageError(
                 f"VG {self.spec}: cannot create the state directory {state_dir} ({exc.strerror})"
             ) from exc
+        private_dir(state_dir)
+        self.owners = OwnerLocks(private_dir(state_dir / "owners"))
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -623,18 +639,47 @@ class PowerVMVG(VolumeGroup):
         return await self._call(f"reading disk {name}", self._sized, found[0])
 
     async def create_partial(
-        self, name: str, size: int, *, label: str | None = None
+        self, name: str, size: int, *, identity: DiskIdentity | None = None
     ) -> PowerVMPartialDisk:
-        """Start a disk under the partial ``name``; ``label`` (an image id) is set on publish."""
+        """Start a disk under the partial ``name``; the image id of ``identity`` becomes its
+        label on publish (the exact size is recorded beside the index, the digest is not)."""
         self.check_name(name)
         if size < 1:
             raise InvalidInput(f"partial disk {name}: size {size} is not positive")
-        if await self.disk_size(name) is not None:
-            raise DiskExists(f"partial disk {name} already exists in the volume group")
-        await self._upload_slots.acquire()  # held until publish or discard
-        partial = PowerVMPartialDisk(self, name, size, label)
+        owner = await asyncio.to_thread(self.owners.own, name)
+        try:
+            if await self.disk_size(name) is not None:
+                raise DiskExists(f"partial disk {name} already exists in the volume group")
+            await self._upload_slots.acquire()  # held until publish or discard
+        except BaseException:
+            OwnerLocks.disown(owner)
+            raise
+        label = None if identity is None else identity.image_id
+        partial = PowerVMPartialDisk(self, name, size, label, owner)
         self.live.add(partial)
         return partial
+
+    async def disk_identity(self, name: str) -> DiskIdentity | None:
+        self.check_name(name)
+        found = [d for d in await self._seen() if d.name == name and d.label]
+        if not found:
+            return None
+        size = await self._call(f"reading disk {name}", self._sized, found[0])
+        return DiskIdentity(str(found[0].label), size)
+
+    async def remove_dead_temporaries(self) -> list[str]:
+        seen = {d.name for d in await self._seen() if is_temporary_name(d.name)}
+        dead = await asyncio.to_thread(self.owners.dead, sorted(seen), (PARTIAL_PREFIX,))
+        removed = []
+        for owner in dead:
+            name = OwnerLocks.name_of(owner)
+            try:
+                if name in seen:
+                    await self.delete(name)
+                    removed.append(name)
+            finally:
+                OwnerLocks.disown(owner)
+        return removed
 
     async def rename(
         self, udid: str, name: str, final_name: str, label: str | None, size: int

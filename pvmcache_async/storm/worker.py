@@ -33,7 +33,7 @@ from typing import Any
 from .. import glance as glance_module
 from ..glance import GlanceClient, Sink
 from ..models import ImageInfo
-from ..names import instance_disk_name
+from ..names import instance_disk_name, partial_disk_name
 from ..storage.filevg import CloneMethod, FileVG
 from ..transfer import CacheSettings, ImageCache
 from .images import sha256_file
@@ -158,7 +158,7 @@ async def _no_cache_one(
     start = time.monotonic()
     info = await glance.get_image(image_id)
     disk = instance_disk_name(inst)
-    partial = await vg.create_partial("p" + disk[1:], info.size)
+    partial = await vg.create_partial(partial_disk_name(), info.size)
     try:
         await glance.download(info, partial)
         await partial.publish(disk)
