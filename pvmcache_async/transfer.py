@@ -336,6 +336,8 @@ class ImageCache:
         await self._begin()
         listed = []
         for entry in await self._db(self._index.entries):
+            if not is_cache_disk_name_of(entry.image_id, entry.cache_disk):
+                continue  # altered to name a disk not the image's: never shown, swept away
             if entry.state is EntryState.FILLING and not self._flights.in_flight(entry.image_id):
                 lock = self._image_lock(entry.image_id)
                 if lock.try_acquire():  # nobody is filling it: a dead writer's leftover
@@ -421,7 +423,8 @@ class ImageCache:
         await self._begin()
         removed = await self._remove_dead_temporaries()
         known = {e.image_id: e for e in await self._db(self._index.entries)}
-        candidates = {i for i, e in known.items() if e.state is EntryState.FILLING}
+        # a crash's filling entries, and entries altered to name a disk not the image's
+        candidates = {i for i, e in known.items() if not _plausible(e)}
         for path in [*self._lock_dir.glob("*.lock"), *self._lock_dir.glob("*.use")]:
             try:
                 candidates.add(validate_image_id(path.name.rpartition(".")[0]))
@@ -429,7 +432,7 @@ class ImageCache:
                 continue  # not one of ours
         for image_id in sorted(candidates):
             entry = known.get(image_id)
-            if self._flights.in_flight(image_id) or (entry and entry.state is EntryState.READY):
+            if self._flights.in_flight(image_id) or (entry and _plausible(entry)):
                 continue
             lock = self._image_lock(image_id)
             if not lock.try_acquire():
@@ -812,13 +815,39 @@ class ImageCache:
                     tee = None if copy is None else _Tee(partial, copy, rider)
                 sink = _Counted(partial if tee is None else tee, claim)
                 fetched = await glance.download(info, sink)
-                await partial.publish(entry.cache_disk)
+                await self._publish_cache_disk(partial, entry.cache_disk, identity)
             except BaseException:
                 await _finish(partial.discard())
                 if tee is not None and tee.copy is not None:
                     await _finish(tee.copy.discard())
                 raise
         return fetched, None if tee is None else tee.copy
+
+    async def _publish_cache_disk(
+        self, partial: PartialDisk, name: str, identity: DiskIdentity
+    ) -> None:
+        """Publish a verified download as the cache disk ``name``.
+
+        Two writers of one image can overlap only when the lock was taken from under one of
+        them (its lock file removed by hand): then the name may already hold the other's
+        verified disk of the same image, recorded as such; that one stands, and this copy
+        is dropped. Anything else under the name is never replaced (``DiskExists``)."""
+        try:
+            await partial.publish(name)
+        except DiskExists:
+            if await self.vg.disk_identity(name) != identity:
+                raise
+            log.warning(
+                "%s already holds image %s, verified by another writer", name, identity.image_id
+            )
+            await _finish(partial.discard())
+
+
+def _plausible(entry: CacheEntry) -> bool:
+    """A ready entry that names one of its image's cache disk names."""
+    return entry.state is EntryState.READY and is_cache_disk_name_of(
+        entry.image_id, entry.cache_disk
+    )
 
 
 @contextlib.contextmanager

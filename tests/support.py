@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pvmcache_async.storage.base import DiskIdentity, PartialDisk
@@ -90,3 +94,38 @@ class GatedVG(FileVG):
 def write_random_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         f.write(os.urandom(size))
+
+
+# -- the command line in a process of its own -----------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+
+
+def cli_args(url: str | None, vg: Path, *args: str) -> list[str]:
+    glance = ["--glance-url", url] if url else []
+    return [sys.executable, "-m", "pvmcache_async", *glance, "--vg", f"file:{vg}", *args]
+
+
+def run_cli(url: str | None, vg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_args(url, vg, *args), capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+
+
+def start_cli(url: str, vg: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cli_args(url, vg, "--read-timeout", "120", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

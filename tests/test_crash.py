@@ -10,55 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX
 
 from .faultproxy import ThreadedFaultProxy, stall
-from .support import disk_image, vg_files
+from .support import cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
 
 MiB = 1 << 20
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
-
-
-def _args(url: str | None, vg: Path, *args: str) -> list[str]:
-    glance = ["--glance-url", url] if url else []
-    return [sys.executable, "-m", "pvmcache_async", *glance, "--vg", f"file:{vg}", *args]
-
-
-def _run(url: str | None, vg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        _args(url, vg, *args), capture_output=True, text=True, env=_env(), timeout=120, check=False
-    )
-
-
-def _start(url: str, vg: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        _args(url, vg, "--read-timeout", "120", *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
-
-
-def _wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _partials(vg: Path) -> list[str]:
@@ -66,7 +31,7 @@ def _partials(vg: Path) -> list[str]:
 
 
 def _ls(vg: Path) -> list[dict[str, object]]:
-    out = _run(None, vg, "ls", "--json")
+    out = run_cli(None, vg, "ls", "--json")
     assert out.returncode == 0, out.stderr
     rows: list[dict[str, object]] = json.loads(out.stdout)
     return rows
@@ -80,8 +45,8 @@ def test_a_deploy_killed_mid_download_is_cleaned_up_by_the_next_deploy(
     vg = tmp_path / "vg"
     with ThreadedFaultProxy(glance_server.url) as proxy:
         proxy.plan(img, stall(after=3 * MiB // 2))
-        victim = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()))
-        _wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
+        victim = start_cli(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()))
+        wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
         victim.send_signal(signal.SIGKILL)
         victim.communicate(timeout=30)
 
@@ -93,7 +58,7 @@ def test_a_deploy_killed_mid_download_is_cleaned_up_by_the_next_deploy(
     assert next(n for n in left if n != partial).startswith(CLONE_PREFIX)
 
     inst = str(uuid.uuid4())
-    again = _run(glance_server.url, vg, "deploy", img, "--instance", inst, "--json")
+    again = run_cli(glance_server.url, vg, "deploy", img, "--instance", inst, "--json")
 
     assert again.returncode == 0, again.stderr
     row = json.loads(again.stdout)
@@ -110,8 +75,8 @@ def test_ls_never_shows_a_killed_download_as_filling_and_clears_it(
     vg = tmp_path / "vg"
     with ThreadedFaultProxy(glance_server.url) as proxy:
         proxy.plan(img, stall(after=MiB))
-        victim = _start(proxy.url, vg, "prefetch", img)
-        _wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
+        victim = start_cli(proxy.url, vg, "prefetch", img)
+        wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
         assert [row["state"] for row in _ls(vg)] == ["filling"]  # alive: a live download
         victim.send_signal(signal.SIGKILL)
         victim.communicate(timeout=30)
@@ -129,12 +94,12 @@ def test_a_stalled_download_of_a_live_process_survives_a_prune_and_finishes(
     runner = ThreadedFaultProxy(glance_server.url)
     with runner as proxy:
         proxy.plan(img, stall(after=MiB))
-        first = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
-        _wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
+        first = start_cli(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
+        wait_for("the stall", lambda: proxy.stalled.is_set() and bool(_partials(vg)))
         [partial] = _partials(vg)
-        second = _start(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
+        second = start_cli(proxy.url, vg, "deploy", img, "--instance", str(uuid.uuid4()), "--json")
 
-        pruned = _run(None, vg, "prune", "--min-age", "0", "--json")
+        pruned = run_cli(None, vg, "prune", "--min-age", "0", "--json")
 
         assert pruned.returncode == 0, pruned.stderr
         assert json.loads(pruned.stdout) == {"removed": [], "kept": []}
@@ -174,7 +139,7 @@ def _clone_in_progress(vg: Path) -> subprocess.Popen[str]:
         [sys.executable, "-c", _CLONE_HELPER, str(vg)],
         stdout=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=cli_env(),
     )
     assert helper.stdout is not None
     assert helper.stdout.readline().strip() == "cloning"
@@ -193,7 +158,7 @@ def test_a_clone_killed_mid_copy_is_removed_by_the_next_deploy(
     assert vg_files(vg) == ["t_0123456789abc"]  # never under the instance disk's name
 
     inst = str(uuid.uuid4())
-    out = _run(glance_server.url, vg, "deploy", img, "--instance", inst, "--json")
+    out = run_cli(glance_server.url, vg, "deploy", img, "--instance", inst, "--json")
 
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
@@ -206,12 +171,12 @@ def test_a_clone_still_running_in_another_process_is_left_alone(tmp_path: Path) 
     vg = tmp_path / "vg"
     helper = _clone_in_progress(vg)
     try:
-        out = _run(None, vg, "prune", "--min-age", "0")
+        out = run_cli(None, vg, "prune", "--min-age", "0")
         assert out.returncode == 0, out.stderr
         assert vg_files(vg) == ["t_0123456789abc"]
     finally:
         helper.send_signal(signal.SIGKILL)
         helper.wait(timeout=30)
-    out = _run(None, vg, "prune", "--min-age", "0")  # now its owner is dead
+    out = run_cli(None, vg, "prune", "--min-age", "0")  # now its owner is dead
     assert out.returncode == 0, out.stderr
     assert vg_files(vg) == []
