@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import subprocess
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,148 @@ def test_a_tight_prune_loop_never_fails_a_deploy(
         # a deploy that downloaded says so, with the bytes it fetched
         assert (r["result"], r["bytes_fetched"]) in (("miss", len(data)), ("hit", 0))
     assert glance_server.file_requests(img) == sum(r["result"] == "miss" for r in rows)
+
+
+class _HookedVG(FileVG):
+    """A file VG that runs ``hook`` once, when disk ``name`` is looked up the ``nth`` time."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.name = ""
+        self.nth = 0
+        self.hook: Callable[[], Awaitable[None]] | None = None
+
+    async def disk_size(self, name: str) -> int | None:
+        if name == self.name and self.hook is not None:
+            self.nth -= 1
+            if self.nth == 0:
+                hook, self.hook = self.hook, None
+                await hook()
+        return await super().disk_size(name)
+
+
+async def test_a_removal_cannot_take_the_cache_disk_from_a_deploy_under_way(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(MiB, seed=102)
+    img = glance_server.create_image(data)
+    vg = _HookedVG(tmp_path / "vg")
+    cache = ImageCache(vg, GlanceClient(glance_server.url))
+    pruner = ImageCache(FileVG(tmp_path / "vg"))  # its own lock files, as another process
+    removed: list[bool] = []
+    try:
+        cache_disk = (await cache.ensure(img)).cache_disk
+
+        async def remove() -> None:  # between the deploy's look at the cache and its clone
+            removed.append(await pruner.remove(img))
+
+        vg.name, vg.nth, vg.hook = cache_disk, 1, remove
+        deployed = await cache.deploy(img, str(uuid.uuid4()))
+    finally:
+        await pruner.close()
+        await cache.close()
+
+    assert removed == [False]
+    assert (deployed.result.value, deployed.bytes_fetched) == ("hit", 0)
+    assert (tmp_path / "vg" / deployed.disk).read_bytes() == data
+
+
+async def test_a_deploy_that_downloads_again_after_its_cache_disk_vanished_says_so(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(MiB, seed=103)
+    img = glance_server.create_image(data)
+    vg = _HookedVG(tmp_path / "vg")
+    cache = ImageCache(vg, GlanceClient(glance_server.url))
+    try:
+        cache_disk = (await cache.ensure(img)).cache_disk
+
+        async def rm() -> None:  # an operator's rm, after the deploy found the image cached
+            (tmp_path / "vg" / cache_disk).unlink()
+
+        vg.name, vg.nth, vg.hook = cache_disk, 2, rm
+        deployed = await cache.deploy(img, str(uuid.uuid4()))
+    finally:
+        await cache.close()
+
+    assert (deployed.result.value, deployed.bytes_fetched) == ("miss", len(data))
+    assert glance_server.file_requests(img) == 2
+    assert (tmp_path / "vg" / deployed.disk).read_bytes() == data
+
+
+# -- a full volume group ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_vg(tmp_path: Path) -> Iterator[Path]:
+    """A file VG on a 12 MiB tmpfs of its own, so that a test can fill it to the last byte."""
+    vg = tmp_path / "vg"
+    vg.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m,mode=0755", "tmpfs", str(vg)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full VG here: {mounted.stderr.strip()}")
+    try:
+        yield vg
+    finally:
+        subprocess.run(["umount", "-l", str(vg)], check=False)
+
+
+def _fill(vg: Path, leave: int = 0) -> Path:
+    """Fill the VG's filesystem with a hidden file (not a disk) until ``leave`` bytes are free."""
+    filler = vg / ".filler"
+    st = os.statvfs(vg)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"\1" * (st.f_bavail * st.f_frsize - leave))
+        while not leave:  # what statvfs counted may be a little off: to the last block
+            os.write(fd, b"\1" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    assert os.statvfs(vg).f_bavail * os.statvfs(vg).f_frsize == leave
+    return filler
+
+
+def test_a_full_vg_can_still_be_listed_and_pruned(
+    glance_server: GlanceServer, small_vg: Path
+) -> None:
+    data = os.urandom(2 * MiB)  # no zero runs: every byte takes room
+    img, other = glance_server.create_image(data), glance_server.create_image(os.urandom(MiB))
+    row = _deploy(glance_server.url, small_vg, img)
+    _fill(small_vg)
+
+    assert [r["cache_disk"] for r in _ls(small_vg)] == [row["cache_disk"]]
+    line = _error(run_cli(glance_server.url, small_vg, "deploy", other, "--instance",
+                          str(uuid.uuid4())))  # fmt: skip
+    assert other in line and "no space left in the volume group" in line
+    assert _ok(run_cli(None, small_vg, "prune", "--min-age", "0", "--json")) == {
+        "removed": [row["cache_disk"]],
+        "kept": [],
+    }
+    assert _ls(small_vg) == []
+    assert vg_files(small_vg) == [row["disk"]]  # the instance disk stays
+
+
+def test_a_clone_whose_use_cannot_be_recorded_leaves_no_disk(
+    glance_server: GlanceServer, small_vg: Path
+) -> None:
+    data = os.urandom(2 * MiB)
+    img = glance_server.create_image(data)
+    _deploy(glance_server.url, small_vg, img)
+    filler = _fill(small_vg, leave=len(data))  # room for the clone, none for the index after
+    inst = str(uuid.uuid4())
+
+    line = _error(run_cli(glance_server.url, small_vg, "deploy", img, "--instance", inst))
+
+    assert img in line and "no space left" in line
+    assert instance_disk_name(inst) not in vg_files(small_vg)
+    filler.unlink()
+    again = _deploy(glance_server.url, small_vg, img, inst)  # the same instance, at once
+    assert again["disk"] == instance_disk_name(inst)
+    assert _sha(small_vg / instance_disk_name(inst)) == hashlib.sha256(data).hexdigest()
