@@ -715,6 +715,7 @@ class ImageCache:
             finally:
                 if not cached:
                     _unlink_held(lock)
+                    self._drop_use_file(image_id)
                 lock.release()
 
     async def _unpublish(self, entry: CacheEntry) -> None:

@@ -9,6 +9,7 @@ tmpfs mounted for the test).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async import CacheSettings, GlanceClient, ImageCache
+from pvmcache_async import CacheSettings, GlanceClient, ImageCache, StorageError
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import PARTIAL_PREFIX, cache_disk_names, instance_disk_name
 from pvmcache_async.storage.filevg import FileVG
 
 from .faultproxy import ThreadedFaultProxy, stall
-from .support import cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
+from .support import GatedVG, cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
 
 MiB = 1 << 20
 
@@ -465,3 +466,87 @@ def test_a_clone_whose_use_cannot_be_recorded_leaves_no_disk(
     again = _deploy(glance_server.url, small_vg, img, inst)  # the same instance, at once
     assert again["disk"] == instance_disk_name(inst)
     assert _sha(small_vg / instance_disk_name(inst)) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_clone_that_does_not_fit_names_the_image_and_leaves_no_disk(
+    glance_server: GlanceServer, small_vg: Path
+) -> None:
+    data = os.urandom(2 * MiB)
+    img = glance_server.create_image(data)
+    _deploy(glance_server.url, small_vg, img)
+    _fill(small_vg, leave=MiB)  # room for the index, not for the clone
+    inst = str(uuid.uuid4())
+
+    line = _error(run_cli(glance_server.url, small_vg, "deploy", img, "--instance", inst))
+
+    assert img in line and "cloning" in line and "no space left" in line
+    assert [n for n in vg_files(small_vg) if not n.startswith("i_")] == [_deploy_disk(small_vg)]
+
+
+def _deploy_disk(vg: Path) -> str:
+    """The one instance disk a test's first deploy made."""
+    [disk] = [n for n in vg_files(vg) if n.startswith("b_")]
+    return disk
+
+
+# -- an interrupted deploy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tee", [True, False])
+async def test_an_interrupted_deploy_leaves_nothing_and_the_instance_deploys_again_at_once(
+    glance_server: GlanceServer, tmp_path: Path, tee: bool
+) -> None:
+    # what the command line does on SIGINT/SIGTERM: cancel the deploy, then close the cache
+    data = disk_image(3 * MiB, seed=104)
+    img = glance_server.create_image(data)
+    root, inst = tmp_path / "vg", str(uuid.uuid4())
+    runner = ThreadedFaultProxy(glance_server.url)
+    with runner as proxy:
+        proxy.plan(img, stall(after=MiB))
+        cache = ImageCache(FileVG(root), GlanceClient(proxy.url), CacheSettings(tee=tee))
+        try:
+            deploy = asyncio.create_task(cache.deploy(img, inst))
+            for _ in range(3000):  # the download is under way
+                if proxy.stalled.is_set() and vg_files(root):
+                    break
+                await asyncio.sleep(0.01)
+            deploy.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await deploy
+        finally:
+            await cache.close()
+            runner.release_stalls()
+    assert vg_files(root) == []
+    assert list((root / ".pvmcache" / "owners").iterdir()) == []
+    assert list((root / ".pvmcache" / "locks").iterdir()) == []
+
+    cache = ImageCache(FileVG(root), GlanceClient(glance_server.url))
+    try:
+        again = await cache.deploy(img, inst)
+        assert [e.state.value for e in await cache.entries()] == ["ready"]
+    finally:
+        await cache.close()
+    assert (again.result.value, again.disk) == ("miss", instance_disk_name(inst))
+    assert (root / again.disk).read_bytes() == data
+
+
+async def test_a_partial_removed_under_its_writer_is_not_published(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(2 * MiB, seed=105))
+    root = tmp_path / "vg"
+    vg = GatedVG(root)
+    cache = ImageCache(vg, GlanceClient(glance_server.url), CacheSettings(tee=False))
+    try:
+        ensure = asyncio.create_task(cache.ensure(img))
+        await vg.writing.wait()
+        [partial] = vg_files(root)
+        (root / partial).unlink()  # an operator's rm
+        (root / partial).write_bytes(b"planted")  # and something else under its name
+        vg.gate.set()
+        with pytest.raises(StorageError, match=f"image {img}: {partial} was removed while"):
+            await ensure
+    finally:
+        await cache.close()
+    assert vg_files(root) == [partial]  # the planted file, never published nor removed
+    assert (root / partial).read_bytes() == b"planted"

@@ -813,3 +813,25 @@ async def test_short_stream_is_not_published(vg: PowerVMVG, pvm: FakePowerVM) ->
 
     assert pvm.names() == ["test"]
     assert not any(c[0] in ("upload", "rename") for c in pvm.calls)
+
+
+async def test_a_lost_index_is_rebuilt_from_the_disks_labels(
+    cache: ImageCache, pvm: FakePowerVM, tmp_path: Path, glance_server: GlanceServer
+) -> None:
+    data = disk_image(MiB, seed=59)
+    image = glance_server.create_image(data)
+    cache_disk = (await cache.ensure(image)).cache_disk
+    (tmp_path / "state" / "index.sqlite").unlink()
+
+    vg = PowerVMVG(lambda: pvm.adpt, VG_NAME, state_dir=tmp_path / "state", buffer_bytes=MiB)
+    again = ImageCache(vg, GlanceClient(glance_server.url))
+    try:
+        assert [(e.image_id, e.cache_disk, e.size) for e in await again.entries()] == [
+            (image, cache_disk, len(data))
+        ]
+        deployed = await again.deploy(image, str(uuid.uuid4()))
+    finally:
+        await again.close()
+    assert deployed.result is Outcome.HIT
+    assert pvm.content(deployed.disk) == data
+    assert glance_server.file_requests(image) == 1

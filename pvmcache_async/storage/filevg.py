@@ -205,10 +205,15 @@ def _link_new(fd: int, tmp: Path, final: Path, final_name: str) -> None:
         raise StorageError(
             f"{tmp.name} was removed while it was written; not publishing it"
         ) from None
-    with contextlib.suppress(FileNotFoundError):
-        if os.lstat(tmp).st_ino == ino:
-            os.unlink(tmp)
+    _unlink_if(tmp, ino)
     _fsync_dir(final.parent)
+
+
+def _unlink_if(path: Path, ino: int) -> None:
+    """Unlink ``path`` if it still names file ``ino``: never a file planted in its place."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.lstat(path).st_ino == ino:
+            os.unlink(path)
 
 
 def _set_identity(fd: int, identity: DiskIdentity) -> None:
@@ -313,6 +318,7 @@ class FilePartialDisk(PartialDisk):
         self._offset = 0
         self._owner: FileLock | None = owner  # held until the file is published or gone
         self._identity = identity
+        self._ino = os.fstat(fd).st_ino  # only this file is ever unlinked as this partial
 
     def _disown(self) -> None:
         if self._owner is not None:
@@ -374,8 +380,7 @@ class FilePartialDisk(PartialDisk):
             fd, self._fd = self._fd, None
             with contextlib.suppress(OSError):  # the data is thrown away: only unlink matters
                 os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            await aiofiles.os.unlink(self._path)
+        await asyncio.to_thread(_unlink_if, self._path, self._ino)
         self._disown()
 
 
@@ -611,10 +616,12 @@ class FileVG(VolumeGroup):
 
     def _clone_sync(self, src: Path, tmp: Path, dst: Path, target: str) -> None:
         owner = self.owners.own(tmp.name)
+        ino: int | None = None
         try:
             sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 dfd = self._open_new(tmp)
+                ino = os.fstat(dfd).st_ino
                 try:
                     self._copy(sfd, dfd)
                     os.fsync(dfd)
@@ -623,9 +630,8 @@ class FileVG(VolumeGroup):
                     os.close(dfd)
             finally:
                 os.close(sfd)
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISREG(os.lstat(tmp).st_mode):
-                        tmp.unlink()
+                if ino is not None:
+                    _unlink_if(tmp, ino)
         finally:  # the temporary disk is gone before its owner file: never a live one unowned
             OwnerLocks.disown(owner)
 
