@@ -114,6 +114,12 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
+    async def __aenter__(self) -> FaultProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     def plan(self, image_id: str | None, *faults: Fault, what: str = "file") -> None:
         """Queue faults for the GETs of an image's data (``what="file"``) or record
         (``what="record"``); ``image_id=None`` matches any image."""

@@ -47,9 +47,8 @@ FAST = RetryPolicy(retries=3, backoff=0.01, max_backoff=0.05)
 
 @pytest.fixture
 async def proxy(glance_server: GlanceServer) -> AsyncIterator[FaultProxy]:
-    p = await FaultProxy(glance_server.url).start()
-    yield p
-    await p.close()
+    async with FaultProxy(glance_server.url) as p:
+        yield p
 
 
 def _client(url: str, read_timeout: float = 30.0) -> GlanceClient:

@@ -29,18 +29,16 @@ FAST = RetryPolicy(retries=2, backoff=0.01, max_backoff=0.05)
 
 @pytest.fixture
 async def proxy(glance_server: GlanceServer) -> AsyncIterator[FaultProxy]:
-    p = await FaultProxy(glance_server.url).start()
-    yield p
-    await p.close()
+    async with FaultProxy(glance_server.url) as p:
+        yield p
 
 
 @pytest.fixture
 async def elsewhere(glance_server: GlanceServer) -> AsyncIterator[FaultProxy]:
     """Another origin (another port on loopback) that would serve the image, and records
     every request that reaches it."""
-    p = await FaultProxy(glance_server.url).start()
-    yield p
-    await p.close()
+    async with FaultProxy(glance_server.url) as p:
+        yield p
 
 
 def _cache(url: str, root: Path) -> ImageCache:
