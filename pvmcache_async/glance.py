@@ -237,7 +237,7 @@ def endpoint_url(url: str) -> yarl.URL:
             f"Glance URL {str(base.with_user(None))!r} has a user name or password in it; "
             "Glance takes a token (--token, OS_AUTH_TOKEN), never credentials in the URL"
         )
-    if not _HOST.fullmatch(host) or len(host) > 253:
+    if not _HOST.fullmatch(host) or len(host) > 253 or max(map(len, host.split("."))) > 63:
         raise InvalidInput(f"Glance URL {echo} does not have a valid host name")
     if not port:
         raise InvalidInput(f"Glance URL {echo} has port 0")
