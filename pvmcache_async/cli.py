@@ -3,35 +3,85 @@
 Global options come before the subcommand; each has an environment variable. With ``--json``
 a subcommand prints only JSON on stdout. Any failure exits non-zero with one line on stderr
 naming the image and the cause (a traceback only with ``--debug``).
+
+SIGINT and SIGTERM cancel the deploys and downloads under way and wait for their clean-up
+(a partial download discarded, a clone undone) before the cache closes; then the command
+exits 130 or 143 with one line on stderr. Further signals meanwhile do not cut that short.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import re
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import aio
-from .errors import CacheError, InvalidInput
+from .errors import CacheError, InvalidInput, shown
 from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
 from .models import CacheEntry
+from .names import instance_disk_name, validate_instance_uuid
 from .storage import default_vg_spec, open_vg
 from .transfer import CacheSettings, ImageCache
 
 PROG = "pvmcache-async"
+log = logging.getLogger(PROG)
 _DEFAULTS = CacheSettings()
 _RETRY = RetryPolicy()
 N = TypeVar("N", int, float)
+T = TypeVar("T")
 _STORM_MODES = ("cache", "no-cache", "per-image-lock")
+_EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+_MAX_ID_ARG = 100  # a uuid has 36 characters; anything far longer is refused unread
+
+
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """A finite number of seconds above 0 (or from 0, with ``zero``); nan and inf refused."""
+    bound = ">= 0" if zero else "above 0"
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(
+                f"{shown(text)} is not a finite number of seconds {bound}"
+            )
+        return value
+
+    return seconds
+
+
+def _whole(low: int) -> Callable[[str], int]:
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number >= {low}")
+        return value
+
+    return whole
+
+
+def _id_arg(text: str) -> str:
+    """An id as given; one far longer than a uuid is refused before anything echoes it."""
+    if len(text) > _MAX_ID_ARG:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a uuid (8-4-4-4-12 hex digits)")
+    return text
 
 
 def _env_number(name: str, default: N, kind: Callable[[str], N]) -> N:
@@ -40,9 +90,8 @@ def _env_number(name: str, default: N, kind: Callable[[str], N]) -> N:
         return default
     try:
         return kind(raw)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise SystemExit(f"{PROG}: error: {name}={raw!r} is not {what}") from None
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"{PROG}: error: {name}: {exc}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +103,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog=PROG, description="Cache Glance images in a volume group; deploy instances as clones."
+        prog=PROG,
+        description="Cache Glance images in a volume group; deploy instances as clones.",
+        epilog="Exit status: 0 done, 1 failed, 2 usage error, 130 SIGINT, 143 SIGTERM (the work "
+        "under way cancelled and undone first).",
     )
     p.add_argument(
         "--glance-url",
@@ -73,14 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--read-timeout",
-        type=float,
-        default=_env_number("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, float),
+        type=_seconds(zero=False),
+        default=_env_number("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _seconds(zero=False)),
         help="seconds a read from Glance may stall [PVMCACHE_READ_TIMEOUT] (default %(default)s)",
     )
     p.add_argument(
         "--retries",
-        type=int,
-        default=_env_number("PVMCACHE_RETRIES", _RETRY.retries, int),
+        type=_whole(0),
+        default=_env_number("PVMCACHE_RETRIES", _RETRY.retries, _whole(0)),
         help="failed requests to Glance retried in a row, with backoff, before giving up "
         "[PVMCACHE_RETRIES] (default %(default)s)",
     )
@@ -96,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-downloads",
-        type=int,
+        type=_whole(1),
         default=_DEFAULTS.max_downloads,
         help="images downloaded at once (default %(default)s)",
     )
     p.add_argument(
         "--max-clones",
-        type=int,
+        type=_whole(1),
         default=_DEFAULTS.max_clones,
         help="instance disks cloned at once (default %(default)s)",
     )
@@ -110,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("deploy", help="cache the image, then clone it for each instance")
-    d.add_argument("image_id")
+    d.add_argument("image_id", type=_id_arg)
     d.add_argument(
         "--instance",
+        type=_id_arg,
         action="append",
         required=True,
         metavar="UUID",
@@ -121,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
 
     f = sub.add_parser("prefetch", help="cache images without deploying")
-    f.add_argument("image_ids", nargs="+", metavar="IMAGE_ID")
+    f.add_argument("image_ids", nargs="+", type=_id_arg, metavar="IMAGE_ID")
     f.add_argument("--json", action="store_true")
 
     ls = sub.add_parser("ls", help="list the cached images")
@@ -130,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="remove cached images that are not in use")
     pr.add_argument(
         "--in-use",
+        type=_id_arg,
         action="append",
         default=[],
         metavar="IMAGE_ID",
@@ -137,19 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--min-age",
-        type=float,
+        type=_seconds(zero=True),
         default=86400.0,
         metavar="SECONDS",
         help="remove only images unused for this long (default %(default)s)",
     )
     pr.add_argument(
         "--max-bytes",
-        type=int,
+        type=_whole(0),
         metavar="N",
         help="then remove least recently used unused images until the cache fits",
     )
     pr.add_argument(
-        "--max-count", type=int, metavar="N", help="likewise, until at most N images are cached"
+        "--max-count",
+        type=_whole(0),
+        metavar="N",
+        help="likewise, until at most N images are cached",
     )
     pr.add_argument("--json", action="store_true")
 
@@ -228,24 +285,113 @@ def _entry_json(e: CacheEntry) -> dict[str, Any]:
     }
 
 
-async def _each(calls: Sequence[Awaitable[Any]], human: Callable[[Any], str], args: Any) -> int:
+class _Session:
+    """One command's operations, run as tasks that a signal cancels, and its output.
+
+    SIGINT and SIGTERM cancel every operation under way; each runs its own clean-up to the
+    end (the core's: a cancelled deploy undoes its clone, a download left by every deploy is
+    cancelled by ``ImageCache.close`` and discarded), and ``settle`` returns only once all
+    have ended, so the cache closes after them. Only the first signal acts.
+
+    A write to stdout that fails (a closed pipe, a full disk) is remembered, not raised: the
+    operations end as they would have, and the command then fails saying so.
+    """
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self.output_error: OSError | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(work)
+        self._tasks.append(task)
+        if self.signal is not None:
+            task.cancel()
+        return task
+
+    def on_signal(self, signum: signal.Signals) -> None:
+        if self.signal is not None:
+            log.info("%s: still waiting for the clean-up", signum.name)
+            return
+        self.signal = signum
+        running = [t for t in self._tasks if not t.done()]
+        log.info("%s: cancelling %d operations, then cleaning up", signum.name, len(running))
+        for task in running:
+            task.cancel()
+
+    def interrupted(self) -> bool:
+        """Whether a CancelledError just caught came from an operation a signal cancelled
+        (not from the cancellation of the task that caught it, which must go on up)."""
+        task = asyncio.current_task()
+        return self.signal is not None and not (task is not None and task.cancelling())
+
+    async def settle(self) -> None:
+        """Cancel any operation still running (an error ended the command early) and wait
+        until every one has ended, its clean-up included."""
+        running = [t for t in self._tasks if not t.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        for task in self._tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: an error reported elsewhere, or a bug re-raised
+
+    def out(self, text: str) -> None:
+        if self.output_error is not None:
+            return
+        try:
+            print(text, flush=True)
+        except OSError as exc:
+            self.output_error = exc
+            # what is still buffered would fail again at exit: stdout goes nowhere from now
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+async def _each(
+    session: _Session,
+    calls: Sequence[Coroutine[Any, Any, Any]],
+    human: Callable[[Any], str],
+    args: Any,
+) -> int:
     """Run calls at once; print each result as it completes (a JSON line with ``--json``),
-    each failure as one line on stderr. 1 if any failed."""
+    each failure as one line on stderr. 1 if any failed; a call a signal cancelled is not
+    a failure of its own (the command reports the signal)."""
     failures = 0
-    for next_done in asyncio.as_completed(calls):
+    for next_done in asyncio.as_completed([session.start(c) for c in calls]):
         try:
             result = await next_done
+        except asyncio.CancelledError:
+            if not session.interrupted():
+                raise
+            continue
         except CacheError as exc:
             failures += 1
             if args.debug:
-                logging.getLogger(PROG).exception("failed")
+                log.exception("failed")
             print(f"{PROG}: {exc}", file=sys.stderr)
             continue
-        print(json.dumps(asdict(result)) if args.json else human(result), flush=True)
+        session.out(json.dumps(asdict(result)) if args.json else human(result))
     return 1 if failures else 0
 
 
-async def _storm(args: argparse.Namespace) -> int:
+def _distinct_instances(instances: Sequence[str]) -> None:
+    """Refuse an instance given twice, or two whose disks would have one name, up front:
+    racing each other, one would fail on the disk that the other made."""
+    seen: dict[str, str] = {}  # disk -> instance
+    for given in instances:
+        instance = validate_instance_uuid(given)
+        disk = instance_disk_name(instance)
+        other = seen.get(disk)
+        if other == instance:
+            raise InvalidInput(f"instance {instance} is given more than once")
+        if other is not None:
+            raise InvalidInput(f"instances {other} and {instance} would both get disk {disk}")
+        seen[disk] = instance
+
+
+async def _storm(args: argparse.Namespace, session: _Session) -> int:
     from .storm import StormPlan, format_report, run_storm  # only this command needs devglance
 
     if args.images < 1 or args.deploys < 1:
@@ -270,17 +416,20 @@ async def _storm(args: argparse.Namespace) -> int:
     report = await run_storm(plan, args.workdir)
     if args.plot is not None:
         plot(report, args.plot)
-    print(json.dumps(report.as_json()) if args.json else format_report(report))
+    session.out(json.dumps(report.as_json()) if args.json else format_report(report))
     return 0
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, session: _Session) -> int:
     if args.command == "storm":
-        return await _storm(args)
+        return await _operation(session, _storm(args, session)) or 0
+    if args.command == "deploy":
+        _distinct_instances(args.instance)
     cache = _open_cache(args)
     try:
         if args.command == "deploy":
             return await _each(
+                session,
                 [cache.deploy(args.image_id, i) for i in args.instance],
                 lambda r: (
                     f"instance {r.instance}: disk {r.disk} cloned from {r.cache_disk} "
@@ -290,6 +439,7 @@ async def _run(args: argparse.Namespace) -> int:
             )
         if args.command == "prefetch":
             return await _each(
+                session,
                 [cache.ensure(i) for i in args.image_ids],
                 lambda r: (
                     f"image {r.image_id}: {r.cache_disk} ({r.result}, "
@@ -298,33 +448,67 @@ async def _run(args: argparse.Namespace) -> int:
                 args,
             )
         if args.command == "ls":
-            entries = await cache.entries()
+            entries = await _operation(session, cache.entries())
+            if entries is None:
+                return 0  # interrupted: main reports the signal
             if args.json:
-                print(json.dumps([_entry_json(e) for e in entries]))
+                session.out(json.dumps([_entry_json(e) for e in entries]))
             else:
-                print(f"{'IMAGE ID':36}  {'CACHE DISK':15}  {'SIZE':>14}  {'STATE':7}  LAST USED")
+                session.out(
+                    f"{'IMAGE ID':36}  {'CACHE DISK':15}  {'SIZE':>14}  {'STATE':7}  LAST USED"
+                )
                 for e in entries:
-                    print(
+                    session.out(
                         f"{e.image_id:36}  {e.cache_disk:15}  {e.size:>14}  "
                         f"{e.state.value:7}  {_iso(e.last_used)}"
                     )
             return 0
         if args.command == "prune":
-            result = await cache.prune(
+            pruning = cache.prune(
                 in_use=args.in_use,
                 min_age=args.min_age,
                 max_bytes=args.max_bytes,
                 max_count=args.max_count,
             )
+            result = await _operation(session, pruning)
+            if result is None:
+                return 0
             if args.json:
-                print(json.dumps(asdict(result)))
+                session.out(json.dumps(asdict(result)))
             else:
-                print(f"removed {len(result.removed)}: {' '.join(result.removed) or '-'}")
-                print(f"kept {len(result.kept)}: {' '.join(result.kept) or '-'}")
+                session.out(f"removed {len(result.removed)}: {' '.join(result.removed) or '-'}")
+                session.out(f"kept {len(result.kept)}: {' '.join(result.kept) or '-'}")
             return 0
         raise InvalidInput(f"unknown command {args.command!r}")
     finally:
-        await cache.close()
+        await session.settle()  # every operation has ended, clean-up included, before
+        await cache.close()  # the cache cancels its downloads and closes
+
+
+async def _operation(session: _Session, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run one operation; None if a signal cancelled it."""
+    try:
+        return await session.start(work)
+    except asyncio.CancelledError:
+        if not session.interrupted():
+            raise
+        return None
+
+
+async def _main(args: argparse.Namespace, session: _Session) -> int:
+    loop = asyncio.get_running_loop()
+    handled = []
+    for signum in _EXIT_STATUS:
+        try:
+            loop.add_signal_handler(signum, session.on_signal, signum)
+        except (RuntimeError, ValueError):  # not the main thread: the embedder's signals
+            break
+        handled.append(signum)
+    try:
+        return await _run(args, session)
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -333,18 +517,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    session = _Session()
     try:
-        return aio.run(_run(args))
+        status = aio.run(_main(args, session))
     except CacheError as exc:
         if args.debug:
             raise
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:  # a SIGINT before the handlers were installed, or after
+        print(f"{PROG}: interrupted by SIGINT", file=sys.stderr)
         return 130
     except Exception as exc:  # the one-line promise holds for bugs too; --debug shows them
         if args.debug:
             raise
         print(f"{PROG}: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        status = 1
+    if session.output_error is not None:
+        cause = session.output_error.strerror or session.output_error
+        print(f"{PROG}: writing the results to stdout failed ({cause})", file=sys.stderr)
+        status = status or 1
+    if session.signal is not None:
+        print(
+            f"{PROG}: interrupted by {session.signal.name}; "
+            "the work under way was cancelled and undone",
+            file=sys.stderr,
+        )
+        return _EXIT_STATUS[session.signal]
+    return status

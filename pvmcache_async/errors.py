@@ -7,6 +7,17 @@ can print it as it is.
 
 from __future__ import annotations
 
+SHOWN_CHARS = 120  # of an untrusted value, echoed in a message
+
+
+def shown(value: object) -> str:
+    """An untrusted value as a message shows it: its repr, cut short (a 10 KB argument
+    makes a one-line error, not a screenful)."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
 
 class CacheError(Exception):
     """Base class: a failure that names the image it concerns and why."""

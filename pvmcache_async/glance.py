@@ -15,6 +15,12 @@ The token is sent as ``X-Auth-Token`` (and a service token, where given, as
 ``X-Service-Token``); neither appears in any message, log or repr. TLS is verified
 by default. There is no total timeout (a multi-GB image may take long); a read that stalls
 longer than ``read_timeout`` fails.
+
+Secrets and origins: an endpoint URL with a user name or password in it is refused (Glance
+takes a token, and the URL is echoed in messages), so no URL the client holds or prints
+carries userinfo. Redirects are followed only within the endpoint's origin (scheme, host,
+port), with the tokens; a redirect to any other origin is refused, so no token ever reaches
+a server other than the configured one.
 """
 
 from __future__ import annotations
@@ -22,17 +28,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import yarl
 
-from .errors import GlanceError, ImageNotFound, ImageUnavailable, IntegrityError, InvalidInput
+from .errors import (
+    GlanceError,
+    ImageNotFound,
+    ImageUnavailable,
+    IntegrityError,
+    InvalidInput,
+    shown,
+)
 from .models import ImageInfo
 
 log = logging.getLogger(__name__)
@@ -49,8 +64,12 @@ MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt record, not an i
 # hand-off moves a whole chunk.
 FULL_CHUNKS = True
 HASH_IN_THREAD = True  # hashlib releases the GIL on large buffers: hash beside the write
+MAX_URL_LENGTH = 2048  # an endpoint, not a payload: longer is a mistake or an attack
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HEX = re.compile(r"[0-9a-f]+")
-_DIGEST_HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
+_HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f:.]+")  # a DNS name or an IP literal
+_TOKEN = re.compile(r"[!-~]+")  # visible ASCII: what an HTTP header value can carry as is
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -146,18 +165,89 @@ def parse_image(image_id: str, record: object) -> ImageInfo:
 
 
 def _digest_of(image_id: str, record: dict[str, Any]) -> tuple[str, str]:
-    candidates = [
-        (record.get("os_hash_algo"), record.get("os_hash_value")),
-        ("md5", record.get("checksum")),
-    ]
-    for algo, value in candidates:
-        if isinstance(algo, str) and isinstance(value, str) and algo in _DIGEST_HEX_LEN:
-            value = value.lower()
-            if len(value) == _DIGEST_HEX_LEN[algo] and _HEX.fullmatch(value):
-                return algo, value
-    raise ImageUnavailable(
-        "has no usable checksum (os_hash_value or checksum) to verify against", image_id=image_id
-    )
+    """(algorithm, hex digest) to verify the data against.
+
+    ``os_hash_algo``/``os_hash_value`` when Glance gives either (any algorithm hashlib has,
+    checked against its digest size); md5 ``checksum`` only when Glance gives neither
+    (images uploaded before Glance had them). Never a silent fall back to md5.
+    """
+    algo, value = record.get("os_hash_algo"), record.get("os_hash_value")
+    if algo is None and value is None:
+        algo, value, field = "md5", record.get("checksum"), "checksum"
+        if value is None:
+            raise ImageUnavailable(
+                "has no checksum (neither os_hash_value nor checksum) to verify against",
+                image_id=image_id,
+            )
+    else:
+        field = "os_hash_value"
+        if not isinstance(algo, str):
+            raise ImageUnavailable(
+                f"has an os_hash_value but no usable os_hash_algo ({shown(algo)})",
+                image_id=image_id,
+            )
+    try:
+        size = hashlib.new(algo).digest_size
+    except (ValueError, TypeError):
+        size = 0
+    if size == 0:  # unknown, or a variable-length digest (shake_*) with no length to check
+        raise ImageUnavailable(
+            f"Glance hashes it with os_hash_algo {shown(algo)}, which this host's hashlib "
+            "cannot compute: its data cannot be verified",
+            image_id=image_id,
+        )
+    if not isinstance(value, str) or len(value) != 2 * size or not _HEX.fullmatch(value.lower()):
+        raise ImageUnavailable(
+            f"has no usable {field}: {shown(value)} is not a {algo} digest ({2 * size} hex digits)",
+            image_id=image_id,
+        )
+    return algo, value.lower()
+
+
+def redact_url(text: str) -> str:
+    """``text`` without the userinfo (``user:password@``) of any URL in it."""
+    # up to the last "@": a password may hold "/", "?" or "#" that ends a URL's authority
+    return re.sub(r"(?<=//)\S*@", "", text)
+
+
+def endpoint_url(url: str) -> yarl.URL:
+    """The Glance endpoint ``url`` parsed and checked, or InvalidInput saying what is wrong.
+
+    An http(s) URL with a host, an optional port and path, no query or fragment, and no user
+    name or password (refused, not stripped: Glance authenticates with a token, and the
+    operator should know the credentials went nowhere). No message echoes userinfo.
+    """
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidInput(
+            f"Glance URL is {len(url)} characters long; at most {MAX_URL_LENGTH} are accepted"
+        )
+    echo = shown(redact_url(url))
+    try:
+        base = yarl.URL(url.rstrip("/"))
+        port = base.port
+        host = base.raw_host
+    except (ValueError, UnicodeError) as exc:
+        raise InvalidInput(
+            f"Glance URL {echo} is not a valid URL ({redact_url(str(exc))})"
+        ) from None
+    if base.scheme not in ("http", "https") or not host:
+        raise InvalidInput(f"Glance URL {echo} is not an http:// or https:// URL")
+    if base.user is not None or base.password is not None:
+        raise InvalidInput(
+            f"Glance URL {str(base.with_user(None))!r} has a user name or password in it; "
+            "Glance takes a token (--token, OS_AUTH_TOKEN), never credentials in the URL"
+        )
+    if not _HOST.fullmatch(host) or len(host) > 253 or max(map(len, host.split("."))) > 63:
+        raise InvalidInput(f"Glance URL {echo} does not have a valid host name")
+    if not port:
+        raise InvalidInput(f"Glance URL {echo} has port 0")
+    if base.query_string or base.fragment:
+        raise InvalidInput(f"Glance URL {echo} has a query or fragment; give the endpoint only")
+    return base
+
+
+def _origin(url: yarl.URL) -> tuple[str, str | None, int | None]:
+    return url.scheme, url.host, url.port
 
 
 class GlanceClient:
@@ -176,17 +266,17 @@ class GlanceClient:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         retry: RetryPolicy | None = None,
     ) -> None:
-        base = yarl.URL(url.rstrip("/"))
-        if base.scheme not in ("http", "https") or not base.host:
-            raise InvalidInput(f"Glance URL {url!r} is not an http:// or https:// URL")
-        if read_timeout <= 0 or connect_timeout <= 0 or chunk_size <= 0:
-            raise InvalidInput("timeouts and the chunk size must be positive")
-        self.url = base
+        self.url = endpoint_url(url)
+        for name, seconds in (("read", read_timeout), ("connect", connect_timeout)):
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise InvalidInput(
+                    f"the {name} timeout must be a positive number of seconds, not {seconds!r}"
+                )
+        if chunk_size <= 0:
+            raise InvalidInput(f"the chunk size must be positive, not {chunk_size!r}")
         self._token = token
         self._service_token = service_token
-        self._ssl: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=ca_file) if verify_tls else False
-        )
+        self._ssl: ssl.SSLContext | bool = _tls_context(ca_file) if verify_tls else False
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
@@ -197,10 +287,17 @@ class GlanceClient:
     def __repr__(self) -> str:  # never the token
         return f"GlanceClient({str(self.url)!r})"
 
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, image_id: str) -> dict[str, str]:
         # a callable gives the token per request: nova's come with each request context
         sent = {"X-Auth-Token": self._token, "X-Service-Token": self._service_token}
         values = {name: v() if callable(v) else v for name, v in sent.items()}
+        for name, value in values.items():
+            if value and not _TOKEN.fullmatch(value):  # named, never shown
+                raise InvalidInput(
+                    f"the token for {name} has characters an HTTP header cannot carry "
+                    "(spaces, line breaks or non-ASCII)",
+                    image_id=image_id,
+                )
         return {name: v for name, v in values.items() if v}
 
     def _http(self) -> aiohttp.ClientSession:
@@ -224,8 +321,54 @@ class GlanceClient:
         record = await self._retrying(image_id, "image record", lambda: self._get_record(image_id))
         return parse_image(image_id, record)
 
+    @asynccontextmanager
+    async def _get(
+        self, image_id: str, what: str, url: yarl.URL, headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET ``url``, following redirects within the endpoint's origin only.
+
+        aiohttp would forward X-Auth-Token to any host a redirect names (it drops only
+        ``Authorization``), so redirects are followed here: to the same origin with the
+        headers, to another origin never (a final GlanceError naming the target's origin).
+        """
+        for _ in range(MAX_REDIRECTS + 1):
+            async with self._http().get(url, headers=headers, allow_redirects=False) as resp:
+                if resp.status not in _REDIRECTS:
+                    yield resp
+                    return
+                url = self._redirect_target(image_id, what, resp)
+        raise GlanceError(
+            f"Glance redirected the {what} request more than {MAX_REDIRECTS} times",
+            image_id=image_id,
+        )
+
+    def _redirect_target(self, image_id: str, what: str, resp: aiohttp.ClientResponse) -> yarl.URL:
+        location = resp.headers.get("Location", "")
+        try:
+            target = resp.url.join(yarl.URL(location)).with_user(None)
+            origin = _origin(target)
+        except (ValueError, UnicodeError):
+            target, origin = None, None
+        if not location or target is None or not target.host:
+            raise GlanceError(
+                f"Glance answered HTTP {resp.status} to the {what} request with no usable "
+                f"Location ({shown(redact_url(location))})",
+                image_id=image_id,
+                status=resp.status,
+            )
+        if origin != _origin(self.url):
+            raise GlanceError(
+                f"Glance redirected the {what} request to {target.origin()}, another origin "
+                f"than {self.url.origin()}; not followed, so the token is not sent there",
+                image_id=image_id,
+                status=resp.status,
+            )
+        log.debug("image %s: %s redirected within Glance (HTTP %d)", image_id, what, resp.status)
+        return target
+
     async def _get_record(self, image_id: str) -> object:
-        async with self._http().get(self._image_url(image_id), headers=self._headers()) as resp:
+        url = self._image_url(image_id)
+        async with self._get(image_id, "image record", url, self._headers(image_id)) as resp:
             _check_status(image_id, resp.status, "image record", resp.headers)
             try:
                 return await resp.json(content_type=None)
@@ -270,9 +413,9 @@ class GlanceClient:
         image = progress.image
         if progress.written == image.size:
             return  # all there before the connection dropped: the digest decides
-        async with self._http().get(
-            self._image_url(image.id, "file"), headers=self._headers() | progress.range_header()
-        ) as resp:
+        url = self._image_url(image.id, "file")
+        headers = self._headers(image.id) | progress.range_header()
+        async with self._get(image.id, "image data", url, headers) as resp:
             if not await progress.accept(resp.status, resp.headers, sink):
                 raise _StartOver()
             _check_status(image.id, resp.status, "image data", resp.headers)
@@ -384,6 +527,20 @@ class GlanceClient:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The context that verifies Glance's certificate; a CA file that cannot be used is a
+    clear error now rather than a failed handshake later."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:  # an OSError too: first
+        raise InvalidInput(
+            f"CA file {shown(ca_file)} holds no usable certificate ({exc.reason})"
+        ) from None
+    except OSError as exc:
+        cause = exc.strerror or str(exc)
+        raise InvalidInput(f"CA file {shown(ca_file)} cannot be read ({cause})") from None
 
 
 def _read_bufsize(chunk_size: int) -> int:

@@ -9,8 +9,10 @@ can say exactly which GET of which image it hits:
 
 Each ``GET /v2/images/{image_id}/file`` takes the next planned fault of that image (a plan for
 ``None`` serves any image); requests without a planned fault pass through untouched. Offsets
-count response *body* bytes. ``seen`` records every request, with its Range header, the fault
-applied, the status and the body bytes the client was sent.
+count response *body* bytes. ``seen`` records every request, with its headers (and Range
+apart), the fault applied, the status and the body bytes the client was sent. ``redirect``
+answers a 3xx with a Location: a second proxy makes a second origin that records what
+reaches it.
 
 ``ThreadedFaultProxy`` runs one in a thread of its own, for tests that drive subprocesses.
 """
@@ -28,6 +30,9 @@ import yarl
 _RELAY_CHUNK = 64 << 10
 _REASONS = {
     200: "OK",
+    301: "Moved Permanently",
+    302: "Found",
+    307: "Temporary Redirect",
     400: "Bad Request",
     404: "Not Found",
     416: "Range Not Satisfiable",
@@ -42,6 +47,7 @@ class Fault:
     status: int = 503  # for "answer"
     retry_after: float | None = None  # for "answer"
     body: bytes = b"injected\n"  # for "answer"
+    location: str | None = None  # for "answer": a redirect's target
 
 
 def cut(after: int) -> Fault:
@@ -64,6 +70,11 @@ def answer(status: int = 503, retry_after: float | None = None, body: bytes = b"
     return Fault("answer", status=status, retry_after=retry_after, body=body)
 
 
+def redirect(location: str, status: int = 302) -> Fault:
+    """Answer ``status`` with ``Location: location`` at once, without asking Glance."""
+    return Fault("answer", status=status, location=location, body=b"")
+
+
 def ignore_range() -> Fault:
     """Forward the request without its Range header: Glance answers 200 with everything."""
     return Fault("ignore_range")
@@ -77,6 +88,7 @@ class Seen:
     path: str
     range: str | None
     fault: Fault | None
+    headers: dict[str, str] = field(default_factory=dict)  # as the client sent them
     status: int | None = None
     body_sent: int = 0
 
@@ -101,6 +113,12 @@ class FaultProxy:
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
+
+    async def __aenter__(self) -> FaultProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     def plan(self, image_id: str | None, *faults: Fault, what: str = "file") -> None:
         """Queue faults for the GETs of an image's data (``what="file"``) or record
@@ -168,12 +186,20 @@ class FaultProxy:
             body = await reader.readexactly(length)
         path = yarl.URL(target).path
         fault = self._next_fault(path) if method == "GET" else None
-        seen = Seen(method, path, next((v for k, v in keep if k.lower() == "range"), None), fault)
+        seen = Seen(
+            method,
+            path,
+            next((v for k, v in keep if k.lower() == "range"), None),
+            fault,
+            headers={k.lower(): v for k, v in keep},
+        )
         self.seen.append(seen)
         if fault is not None and fault.kind == "answer":
             seen.status = fault.status
             text = fault.body
             extra = "" if fault.retry_after is None else f"Retry-After: {fault.retry_after:g}\r\n"
+            if fault.location is not None:
+                extra += f"Location: {fault.location}\r\n"
             reason = _REASONS.get(fault.status, "Service Unavailable")
             writer.write(
                 f"HTTP/1.1 {fault.status} {reason}\r\nContent-Type: text/plain\r\n"

@@ -19,9 +19,12 @@ MiB = 1 << 20
 
 
 def cli(
-    *args: str, vg: Path, glance: GlanceServer | None = None
+    *args: str, vg: Path, glance: GlanceServer | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))},
+        **(env or {}),
+    }
     glance_args = ["--glance-url", glance.url] if glance else []
     return subprocess.run(
         [sys.executable, "-m", "pvmcache_async", *glance_args, "--vg", f"file:{vg}", *args],
@@ -199,3 +202,125 @@ def test_usage_errors_are_one_line_too(tmp_path: Path, args: list[str], words: s
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], out.stderr
     assert vg_files(tmp_path) == []
+
+
+IMG = "3e865d14-8c1e-4c6d-9a1e-7b1b3c2a9f00"
+INST = "5d0e6a4f-2b1c-4e8d-9f3a-1c2b3d4e5f60"
+LONG = "a" * 10_000
+GLANCE = ["--glance-url", "https://127.0.0.1:9"]  # nothing listens: none of these gets there
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["--read-timeout", "nan", "ls"], {}, "--read-timeout: 'nan' is not a finite number"),
+        (["--read-timeout", "inf", "ls"], {}, "--read-timeout: 'inf' is not a finite number"),
+        (["--read-timeout", "-1", "ls"], {}, "--read-timeout: '-1' is not a finite number"),
+        (["--read-timeout", "0", "ls"], {}, "seconds above 0"),
+        (["ls"], {"PVMCACHE_READ_TIMEOUT": "nan"}, "PVMCACHE_READ_TIMEOUT: 'nan' is not"),
+        (["ls"], {"PVMCACHE_RETRIES": "-2"}, "PVMCACHE_RETRIES: '-2' is not a whole number"),
+        (["--retries", "-1", "ls"], {}, "--retries: '-1' is not a whole number >= 0"),
+        (["--max-downloads", "0", "ls"], {}, "--max-downloads: '0' is not a whole number >= 1"),
+        (["prune", "--min-age", "nan"], {}, "--min-age: 'nan' is not a finite number"),
+        (["prune", "--max-count", "-1"], {}, "--max-count: '-1' is not a whole number >= 0"),
+        (
+            [*GLANCE, "--ca-file", "/nonexistent/ca.pem", "prefetch", IMG],
+            {},
+            "CA file '/nonexistent/ca.pem' cannot be read (No such file",
+        ),
+        (
+            [*GLANCE, "--ca-file", "/", "prefetch", IMG],
+            {},
+            "CA file '/' cannot be read (Is a directory)",
+        ),
+        (
+            [*GLANCE, "--ca-file", "/etc/hostname", "prefetch", IMG],
+            {},
+            "holds no usable certificate",
+        ),
+        (
+            ["--glance-url", f"http://127.0.0.1/{LONG}", "prefetch", IMG],
+            {},
+            "Glance URL is 10017 characters long; at most 2048",
+        ),
+        (
+            ["--glance-url", f"http://{'h' * 300}", "prefetch", IMG],
+            {},
+            "not have a valid host name",
+        ),
+        (["--glance-url", f"http://{'h' * 64}.example", "prefetch", IMG], {}, "valid host name"),
+        (
+            ["--glance-url", "http://[::1", "prefetch", IMG],
+            {},
+            "is not a valid URL (Invalid IPv6 URL)",
+        ),
+        (
+            ["--glance-url", "http://127.0.0.1:9/?x=1", "prefetch", IMG],
+            {},
+            "has a query or fragment",
+        ),
+        (
+            ["--glance-url", "http://glance host", "prefetch", IMG],
+            {},
+            "does not have a valid host name",
+        ),
+        (
+            ["--vg", "file:~nosuchuser4242/vg", "ls"],
+            {},
+            "~nosuchuser4242 is no user's home directory",
+        ),
+        (["--vg", f"file:/tmp/{LONG}", "ls"], {}, "longer than the system's limit"),
+        (["--vg", f"nfs:{LONG}", "ls"], {}, "is not 'file:PATH' or 'powervm:...'"),
+        (["prefetch", LONG], {}, "IMAGE_ID: 'aaaa"),
+        (["deploy", IMG, "--instance", LONG], {}, "--instance: 'aaaa"),
+        (
+            ["deploy", IMG, "--instance", INST, "--instance", INST.upper()],
+            {},
+            f"instance {INST} is given more than once",
+        ),
+        (
+            ["deploy", IMG, "--instance", INST, "--instance", INST[:-1] + "1"],
+            {},
+            "would both get disk b_5d0e6a4f_2b1c",
+        ),
+    ],
+)
+def test_hostile_input_gets_one_short_line_naming_what_was_wrong(
+    tmp_path: Path, args: list[str], env: dict[str, str], words: str
+) -> None:
+    vg = tmp_path / "vg"
+    out = cli(*args, vg=vg, env=env)  # a --vg in args comes later, and wins
+    assert out.returncode in (1, 2), out.stderr
+    assert out.stdout == ""
+    [line] = out.stderr.splitlines()
+    assert words in line
+    assert "unexpected error" not in line and len(line) < 400
+    assert not vg.exists() or vg_files(vg) == []
+
+
+def _closed_pipe() -> int:
+    """The write end of a pipe whose reader has gone: every write fails with EPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+@pytest.mark.parametrize("where", ["full disk", "closed pipe"])
+def test_output_that_cannot_be_written_is_one_line_and_a_failing_status(
+    tmp_path: Path, where: str
+) -> None:
+    stdout = os.open("/dev/full", os.O_WRONLY) if where == "full disk" else _closed_pipe()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pvmcache_async", "--vg", f"file:{tmp_path}", "ls"],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(stdout)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line.startswith("pvmcache-async: writing the results to stdout failed ("), line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -46,9 +47,8 @@ FAST = RetryPolicy(retries=3, backoff=0.01, max_backoff=0.05)
 
 @pytest.fixture
 async def proxy(glance_server: GlanceServer) -> AsyncIterator[FaultProxy]:
-    p = await FaultProxy(glance_server.url).start()
-    yield p
-    await p.close()
+    async with FaultProxy(glance_server.url) as p:
+        yield p
 
 
 def _client(url: str, read_timeout: float = 30.0) -> GlanceClient:
@@ -253,7 +253,9 @@ async def test_a_record_that_is_not_json_is_a_clear_error(
         ({"size": -1}, "invalid size"),
         ({"status": "killed"}, "'killed'"),
         ({"status": "deactivated"}, "'deactivated'"),
-        ({"os_hash_value": "zz", "checksum": None}, "no usable checksum"),
+        ({"os_hash_value": "zz", "checksum": None}, "no usable os_hash_value: 'zz'"),
+        ({"os_hash_value": "ab" * 32}, r"not a sha512 digest \(128 hex digits\)"),
+        ({"os_hash_algo": None, "os_hash_value": None}, "has no checksum"),
         ({"id": "00000000-0000-0000-0000-000000000000"}, "another image"),
     ],
 )
@@ -272,6 +274,78 @@ def test_malformed_or_unusable_records_are_refused(change: dict[str, object], me
     with pytest.raises(GlanceError, match=message) as info:
         parse_image(img, record)
     assert str(info.value).startswith(f"image {img}: ")
+
+
+_RECORD: dict[str, object] = {
+    "status": "active",
+    "disk_format": "raw",
+    "size": 1024,
+    "checksum": "0123456789abcdef" * 2,
+}
+
+
+@pytest.mark.parametrize("algo", ["sha3_512", "blake2b", "sha384", "sha3_256", "sha1"])
+def test_the_algorithm_glance_names_is_used_with_its_own_digest_length(algo: str) -> None:
+    img = str(uuid.uuid4())
+    value = hashlib.new(algo, b"x").hexdigest().upper()  # Glance's case is not ours to trust
+    info = parse_image(img, {**_RECORD, "id": img, "os_hash_algo": algo, "os_hash_value": value})
+    assert (info.digest_algo, info.digest) == (algo, value.lower())
+    with pytest.raises(ImageUnavailable, match=f"not a {algo} digest"):
+        parse_image(img, {**_RECORD, "os_hash_algo": algo, "os_hash_value": value[:-2]})
+
+
+@pytest.mark.parametrize(
+    "algo, value",
+    [
+        ("whirlpool-9000", "ab" * 64),
+        ("shake_256", "ab" * 64),  # variable length: no digest size to check against
+        ("sha512", None),  # half of the pair: the md5 checksum is not used instead
+        (None, "ab" * 64),
+        (42, "ab" * 64),
+    ],
+)
+def test_an_os_hash_that_cannot_be_checked_is_refused_never_replaced_by_md5(
+    algo: object, value: object
+) -> None:
+    img = str(uuid.uuid4())
+    record = {**_RECORD, "id": img, "os_hash_algo": algo, "os_hash_value": value}
+    with pytest.raises(ImageUnavailable) as err:
+        parse_image(img, record)
+    message = str(err.value)
+    assert message.startswith(f"image {img}: ") and "\n" not in message
+    if isinstance(algo, str) and value is not None:
+        assert f"os_hash_algo {algo!r}" in message and "hashlib cannot compute" in message
+
+
+def test_without_any_os_hash_the_legacy_md5_checksum_is_used() -> None:
+    img = str(uuid.uuid4())
+    info = parse_image(img, {**_RECORD, "id": img, "os_hash_algo": None, "os_hash_value": None})
+    assert (info.digest_algo, info.digest) == ("md5", _RECORD["checksum"])
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["matching", "mismatching"])
+async def test_a_download_is_verified_with_the_algorithm_glance_names(
+    proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path, right: bool
+) -> None:
+    # The dev Glance hashes with sha512; the proxy serves its record as a Glance configured
+    # with hashing_algorithm = sha3_512 would, md5 checksum included (which matches either way)
+    data = disk_image(MiB, seed=52)
+    img = glance_server.create_image(data)
+    record = glance_server.image(img)
+    digest = hashlib.sha3_512(data if right else data + b"!").hexdigest()
+    record.update(os_hash_algo="sha3_512", os_hash_value=digest)
+    proxy.plan(img, answer(200, body=json.dumps(record).encode()), what="record")
+    cache = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url))
+    try:
+        if right:
+            result = await cache.deploy(img, str(uuid.uuid4()))
+            assert (tmp_path / "vg" / result.disk).read_bytes() == data
+        else:
+            with pytest.raises(IntegrityError, match=f"image {img}: sha3_512 checksum did not"):
+                await cache.deploy(img, str(uuid.uuid4()))
+            assert vg_files(tmp_path / "vg") == []
+    finally:
+        await cache.close()
 
 
 async def test_a_queued_image_has_no_data_to_download(glance_server: GlanceServer) -> None:

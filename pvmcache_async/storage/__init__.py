@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, shown
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+
+_PATH_MAX = 4096  # Linux's PATH_MAX, with its NUL
 
 __all__ = [
     "Capacity",
@@ -29,17 +31,37 @@ def open_vg(spec: str, *, create: bool = True) -> VolumeGroup:
     """Open the volume group that ``spec`` names: ``file:PATH`` or ``powervm:...``.
 
     ``create=False`` (for looking and pruning): a file VG that does not exist is an error
-    naming its path, not made anew, so a mistyped path creates nothing."""
+    naming its path, not made anew, so a mistyped path creates nothing.
+
+    A spec that cannot name a VG is InvalidInput saying why; its text is echoed cut short, and
+    a ``powervm:`` spec's key=value part not at all (its own parser names the bad item).
+    """
     kind, sep, rest = spec.partition(":")
     if kind == "file" and sep and rest:
         from .filevg import FileVG  # imported on demand: each backend has its own deps
 
-        return FileVG(Path(rest).expanduser(), create=create)
+        return FileVG(_file_vg_path(rest), create=create)
     if kind == "powervm" and sep:
         try:
             from .powervm import open_powervm_vg  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
-            raise InvalidInput(f"VG {spec!r}: the PowerVM backend is unavailable ({exc})") from exc
+            raise InvalidInput(f"VG powervm: the PowerVM backend is unavailable ({exc})") from exc
         vg: VolumeGroup = open_powervm_vg(rest)
         return vg
-    raise InvalidInput(f"VG {spec!r} is not 'file:PATH' or 'powervm:...'")
+    raise InvalidInput(f"VG {shown(spec)} is not 'file:PATH' or 'powervm:...'")
+
+
+def _file_vg_path(text: str) -> Path:
+    if "\0" in text:
+        raise InvalidInput(f"VG file:{shown(text)}: a path cannot hold a NUL character")
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~name of no user, or no home directory to expand ~ to
+        user = text.partition("/")[0]
+        raise InvalidInput(f"VG file:{shown(text)}: {user} is no user's home directory") from None
+    if len(os.fsencode(path)) >= _PATH_MAX:
+        raise InvalidInput(
+            f"VG file:{shown(text)}: the path is longer than the system's limit of "
+            f"{_PATH_MAX - 1} bytes"
+        )
+    return path

@@ -1,0 +1,196 @@
+"""Secrets stay where they belong: no password or token in a message or a log, and no token
+at any origin other than the configured Glance endpoint, whatever a redirect says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pvmcache_async import GlanceClient, GlanceError, ImageCache, InvalidInput
+from pvmcache_async.devglance import GlanceServer
+from pvmcache_async.glance import RetryPolicy
+from pvmcache_async.storage.filevg import FileVG
+
+from .faultproxy import FaultProxy, redirect
+from .support import disk_image, vg_files
+
+MiB = 1 << 20
+TOKEN = "tok-" + uuid.uuid4().hex
+SERVICE_TOKEN = "svc-" + uuid.uuid4().hex
+PASSWORD = "pw-" + uuid.uuid4().hex
+FAST = RetryPolicy(retries=2, backoff=0.01, max_backoff=0.05)
+
+
+@pytest.fixture
+async def proxy(glance_server: GlanceServer) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(glance_server.url) as p:
+        yield p
+
+
+@pytest.fixture
+async def elsewhere(glance_server: GlanceServer) -> AsyncIterator[FaultProxy]:
+    """Another origin (another port on loopback) that would serve the image, and records
+    every request that reaches it."""
+    async with FaultProxy(glance_server.url) as p:
+        yield p
+
+
+def _cache(url: str, root: Path) -> ImageCache:
+    client = GlanceClient(url, token=TOKEN, service_token=SERVICE_TOKEN, retry=FAST)
+    return ImageCache(FileVG(root), client)
+
+
+@pytest.mark.parametrize("what", ["record", "file"])
+@pytest.mark.parametrize("status", [302, 307])
+@pytest.mark.parametrize("userinfo", [False, True], ids=["plain", "userinfo"])
+async def test_a_redirect_to_another_origin_is_refused_and_no_token_reaches_it(
+    proxy: FaultProxy,
+    elsewhere: FaultProxy,
+    glance_server: GlanceServer,
+    tmp_path: Path,
+    what: str,
+    status: int,
+    userinfo: bool,
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=70))
+    target = elsewhere.url.replace("//", f"//admin:{PASSWORD}@") if userinfo else elsewhere.url
+    path = f"/v2/images/{img}" + ("/file" if what == "file" else "")
+    proxy.plan(img, redirect(target + path, status), what=what)
+    cache = _cache(proxy.url, tmp_path / "vg")
+    try:
+        with pytest.raises(GlanceError) as err:
+            await cache.deploy(img, str(uuid.uuid4()))
+    finally:
+        await cache.close()
+
+    assert elsewhere.seen == []  # not followed: neither token went there
+    message = str(err.value)
+    assert message.startswith(f"image {img}: Glance redirected the image ")
+    assert f"to {elsewhere.url}, another origin" in message
+    for secret in (TOKEN, SERVICE_TOKEN, PASSWORD, "admin"):
+        assert secret not in message
+    assert len([s for s in proxy.seen if s.fault is not None]) == 1  # a refusal is final
+    assert vg_files(tmp_path / "vg") == []
+
+
+async def test_a_redirect_within_the_endpoint_is_followed_with_the_tokens(
+    proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(MiB, seed=71)
+    img = glance_server.create_image(data)
+    proxy.plan(img, redirect(f"/v2/images/{img}", 307), what="record")  # relative
+    proxy.plan(img, redirect(f"{proxy.url}/v2/images/{img}/file", 302))  # absolute
+    cache = _cache(proxy.url, tmp_path / "vg")
+    try:
+        result = await cache.deploy(img, str(uuid.uuid4()))
+    finally:
+        await cache.close()
+
+    assert (tmp_path / "vg" / result.disk).read_bytes() == data
+    assert [s.status for s in proxy.file_gets(img)] == [302, 200]
+    for seen in proxy.seen:
+        assert seen.headers["x-auth-token"] == TOKEN
+        assert seen.headers["x-service-token"] == SERVICE_TOKEN
+
+
+async def test_a_redirect_loop_ends_in_a_clear_error(
+    proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=72))
+    proxy.plan(img, *[redirect(f"/v2/images/{img}")] * 10, what="record")
+    cache = _cache(proxy.url, tmp_path / "vg")
+    try:
+        with pytest.raises(GlanceError, match=f"image {img}: .* redirected .* more than 5 times"):
+            await cache.ensure(img)
+    finally:
+        await cache.close()
+    assert len(proxy.seen) == 6
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://admin:{PASSWORD}@127.0.0.1:9292",
+        f"http://:{PASSWORD}@127.0.0.1:9292/image",
+        f"https://{PASSWORD}@127.0.0.1",
+    ],
+)
+def test_an_endpoint_with_userinfo_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(InvalidInput, match="has a user name or password in it") as err:
+        GlanceClient(url)
+    assert PASSWORD not in str(err.value) and "admin" not in str(err.value)
+    assert "127.0.0.1" in str(err.value)
+
+
+@pytest.mark.parametrize("token", ["two\nlines", "has space", "caf\u00e9", "tab\there"])
+async def test_a_token_no_header_can_carry_is_refused_without_echoing_it(
+    glance_server: GlanceServer, token: str
+) -> None:
+    img = str(uuid.uuid4())
+    client = GlanceClient(glance_server.url, token=token, retry=FAST)
+    try:
+        with pytest.raises(InvalidInput, match="X-Auth-Token has characters") as err:
+            await client.get_image(img)
+    finally:
+        await client.close()
+    assert token not in str(err.value) and img in str(err.value)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "pvmcache_async", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_the_cli_refuses_a_glance_url_with_a_password_and_never_prints_it(
+    glance_server: GlanceServer, tmp_path: Path, debug: bool
+) -> None:
+    url = glance_server.url.replace("//", f"//admin:{PASSWORD}@")
+    img = str(uuid.uuid4())
+    args = ["--debug"] if debug else []
+    out = _cli(*args, "--glance-url", url, "--vg", f"file:{tmp_path}", "prefetch", img)
+
+    assert out.returncode == 1
+    assert PASSWORD not in out.stdout + out.stderr
+    assert "has a user name or password in it" in out.stderr
+    if not debug:
+        assert out.stderr.count("\n") == 1
+    assert glance_server.file_requests(img) == 0
+
+
+def test_debug_output_of_a_redirected_download_holds_neither_token(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    from .faultproxy import ThreadedFaultProxy
+
+    img = glance_server.create_image(disk_image(MiB, seed=73))
+    with ThreadedFaultProxy(glance_server.url) as proxy:
+        proxy.plan(img, redirect(f"/v2/images/{img}/file"))
+        out = _cli(
+            "--debug",
+            "--token",
+            TOKEN,
+            "--glance-url",
+            proxy.url,
+            "--vg",
+            f"file:{tmp_path}",
+            "prefetch",
+            img,
+        )
+        assert [s.headers.get("x-auth-token") for s in proxy.file_gets(img)] == [TOKEN] * 2
+    assert out.returncode == 0, out.stderr
+    assert "redirected within Glance" in out.stderr  # --debug did log the request path
+    assert TOKEN not in out.stdout + out.stderr
