@@ -11,6 +11,8 @@ and use only ``[a-z0-9_]``, so they are also safe file names in a file VG.
 * instance disk: ``b_`` + the first 13 characters of the instance uuid, the same way.
 * partial download: ``p_`` + a hash of the image id; never an ``i_`` name, so that no
   partial data is ever visible under a cache disk name, and found again after a crash.
+* partial instance disk of a deploy without the cache (``direct``): ``p_`` + the instance
+  disk's body; its ``_`` at the ninth character keeps it apart from the hashed ``p_`` names.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ def instance_disk_name(instance_uuid: str) -> str:
 def partial_disk_name(image_id: str) -> str:
     """The name under which the image's download is written until it is verified."""
     return PARTIAL_PREFIX + _hashed(image_id)
+
+
+def direct_partial_name(instance_uuid: str) -> str:
+    """The name under which a deploy without the cache writes the instance's disk."""
+    return PARTIAL_PREFIX + _short(instance_uuid)
 
 
 def is_cache_disk_name(name: str) -> bool:
