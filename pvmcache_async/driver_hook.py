@@ -16,10 +16,11 @@ This module translates; the decisions are the cache's (``transfer.ImageCache``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,12 +28,19 @@ from nova.virt import imagecache
 from oslo_config import cfg
 
 from . import conf as pvm_conf
-from .errors import GlanceError, InvalidInput, NoGlanceEndpoint
+from . import direct
+from .errors import (
+    GlanceError,
+    ImageNotFound,
+    ImageUnavailable,
+    InvalidInput,
+    NoGlanceEndpoint,
+)
 from .glance import GlanceClient
 from .loop_thread import LoopThread
 from .models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
-from .names import validate_image_id
-from .storage import open_vg
+from .names import instance_disk_name, validate_image_id, validate_instance_uuid
+from .storage import VolumeGroup, open_vg
 from .transfer import CacheSettings, ImageCache
 
 log = logging.getLogger(__name__)
@@ -196,6 +204,9 @@ class DriverHook:
         self.settings = CacheSettings(max_downloads=pc.max_downloads, max_clones=pc.max_clones)
         self._loop = LoopThread(executor_workers=self.settings.max_clones + 16)
         self.vg_spec: str = pc.volume_group
+        # made on the loop thread when first needed; the cache, once made, owns the other two
+        self._vg: VolumeGroup | None = None
+        self._glance: GlanceClient | None = None
         self._cache: ImageCache | None = None
         self.manager = ImageManager(self._with_cache, self.vg_spec, conf)
 
@@ -224,32 +235,69 @@ class DriverHook:
         """The instance's disk as a clone of the cached image (downloaded at most once)."""
         if not self.active:
             return None
-        image_id = image_meta["id"] if isinstance(image_meta, dict) else image_meta.id
+        image_id = image_id_of(image_meta)
         deployed: DeployResult = self._with_cache(
             lambda cache: cache.deploy(image_id, instance.uuid), context
         )
         return deployed
 
+    def stream_disk_from_glance(self, context: Any, instance: Any, image_meta: Any) -> str:
+        """The instance's disk streamed straight from Glance, verified, without the cache:
+        one GET of the image per call, what a host without the cache does (``direct``).
+        Returns the disk's name."""
+        image_id = image_id_of(image_meta)
+
+        async def stream(url: str | None) -> str:
+            glance = self._open_glance(url)
+            if glance is None:
+                raise NoGlanceEndpoint("no Glance endpoint to fetch it from", image_id=image_id)
+            disk, _ = await direct.stream_disk(glance, self._open_vg(), image_id, instance.uuid)
+            return disk
+
+        return self._on_loop(stream, context)
+
+    def delete_instance_disk(self, instance: Any) -> None:
+        """Remove the instance's disk from the volume group (none there is not an error)."""
+        disk = instance_disk_name(validate_instance_uuid(instance.uuid))
+
+        async def delete(url: str | None) -> None:
+            await self._open_vg().delete(disk)
+
+        self._on_loop(delete, None)
+
     def close(self) -> None:
         """Stop the loop thread: downloads in flight are cancelled and leave nothing behind."""
 
-        async def close_cache() -> None:
-            cache, self._cache = self._cache, None
+        async def close_all() -> None:
+            cache, glance, vg = self._cache, self._glance, self._vg
+            self._cache = self._glance = self._vg = None
             if cache is not None:
-                await cache.close()
+                await cache.close()  # its Glance client and VG too
+                return
+            if glance is not None:
+                await glance.close()
+            if vg is not None:
+                await vg.close()
 
-        self._loop.stop(close_cache)
+        self._loop.stop(close_all)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _with_cache(
         self, work: Callable[[ImageCache], Coroutine[Any, Any, T]], context: Any = None
     ) -> T:
+        return self._on_loop(lambda url: work(self._open_cache(url)), context)
+
+    def _on_loop(
+        self, work: Callable[[str | None], Coroutine[Any, Any, T]], context: Any = None
+    ) -> T:
+        """Run ``work(glance_url)`` on the loop with the request's tokens; the URL is looked
+        up only while no Glance client exists yet."""
         self._loop.start()  # first: refuses in eventlet mode before anything else happens
         tokens = _tokens_of(self._conf, context)
         url = None
         lookup_error: GlanceError | None = None
-        if context is not None and (self._cache is None or self._cache.glance is None):
+        if context is not None and self._glance is None:
             try:
                 url = self._glance_url(context)
             except GlanceError as exc:  # a hit needs no Glance: this matters only on a miss
@@ -258,7 +306,7 @@ class DriverHook:
         async def run() -> T:
             _TOKENS.set(tokens)
             try:
-                return await work(self._open_cache(url))
+                return await work(url)
             except NoGlanceEndpoint:
                 if lookup_error is not None:
                     raise lookup_error from None
@@ -266,13 +314,17 @@ class DriverHook:
 
         return self._loop.call(run)
 
-    def _open_cache(self, url: str | None) -> ImageCache:
-        """The one ImageCache, made on the loop the first time; runs on the loop thread."""
-        if self._cache is None:
-            self._cache = ImageCache(open_vg(self.vg_spec), None, self.settings)
-        if self._cache.glance is None and url:  # a manager pass needs none, a download does
+    def _open_vg(self) -> VolumeGroup:
+        """The one volume group; runs on the loop thread."""
+        if self._vg is None:
+            self._vg = open_vg(self.vg_spec)
+        return self._vg
+
+    def _open_glance(self, url: str | None) -> GlanceClient | None:
+        """The one Glance client, made once a URL is known; runs on the loop thread."""
+        if self._glance is None and url:
             gc = self._conf.glance
-            self._cache.glance = GlanceClient(
+            self._glance = GlanceClient(
                 url,
                 token=lambda: _TOKENS.get().user,
                 service_token=lambda: _TOKENS.get().service,
@@ -280,6 +332,14 @@ class DriverHook:
                 verify_tls=not gc.insecure,
                 read_timeout=self._conf[pvm_conf.GROUP].read_timeout,
             )
+        return self._glance
+
+    def _open_cache(self, url: str | None) -> ImageCache:
+        """The one ImageCache, made on the loop the first time; runs on the loop thread."""
+        if self._cache is None:
+            self._cache = ImageCache(self._open_vg(), None, self.settings)
+        if self._cache.glance is None:  # a manager pass needs none, a download does
+            self._cache.glance = self._open_glance(url)
         return self._cache
 
     def _glance_url(self, context: Any) -> str:
@@ -297,3 +357,73 @@ class DriverHook:
         if not url:
             raise GlanceError("no Glance endpoint from nova's [glance] settings")
         return str(url)
+
+
+def image_id_of(image_meta: Any) -> str:
+    """The image id of nova's ``ImageMeta`` (or of a plain dict, as tests and tools pass)."""
+    if isinstance(image_meta, dict):
+        return str(image_meta["id"])
+    return str(image_meta.id)
+
+
+@contextlib.contextmanager
+def build_errors(image_meta: Any) -> Iterator[None]:
+    """Turn the cache's errors into what nova's build expects of a driver's spawn.
+
+    An image that Glance does not have or refuses, or a bad image id, aborts the build (nova's
+    ``ImageUnacceptable``): no other host would do better. Any other failure passes as it is,
+    and nova may reschedule the build. The instance's fault names the image and the cause."""
+    try:
+        yield
+    except (ImageNotFound, ImageUnavailable, InvalidInput) as exc:
+        if isinstance(exc, NoGlanceEndpoint):  # this host's settings: another may have one
+            raise
+        from nova import exception as nova_exception
+
+        raise nova_exception.ImageUnacceptable(
+            image_id=exc.image_id or image_id_of(image_meta), reason=exc.message
+        ) from exc
+
+
+class ImageCacheDriverMixin:
+    """The image cache for a nova compute driver; listed before the driver's base class::
+
+        class PowerVMDriver(ImageCacheDriverMixin, driver.ComputeDriver): ...
+
+    It makes one ``DriverHook`` from nova's CONF (``self.image_cache``) and gives the driver
+    nova's image cache methods: ``capabilities`` with ``has_imagecache`` merged in,
+    ``manage_image_cache``, ``cache_image`` and ``cleanup_host`` (closes the hook, then the
+    base's). The driver's own spawn and destroy call ``create_disk_from_image`` (None when
+    the cache is off: the driver makes the disk its own way) and ``delete_instance_disk``.
+    """
+
+    capabilities: dict[str, Any]  # the base driver's class attribute, shadowed per instance
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_cache = DriverHook()
+        self.capabilities = {**self.capabilities, **self.image_cache.capabilities}
+
+    def manage_image_cache(self, context: Any, all_instances: Any) -> None:
+        self.image_cache.manage_image_cache(context, all_instances)
+
+    def cache_image(self, context: Any, image_id: str) -> bool:
+        return self.image_cache.cache_image(context, image_id)
+
+    def cleanup_host(self, host: str) -> None:
+        try:
+            self.image_cache.close()
+        finally:
+            super().cleanup_host(host)  # type: ignore[misc]
+
+    def create_disk_from_image(
+        self, context: Any, instance: Any, image_meta: Any
+    ) -> DeployResult | None:
+        """The instance's disk from the cache, or None when the cache is off on this host.
+
+        On failure the instance has no disk; errors as ``build_errors`` says."""
+        with build_errors(image_meta):
+            return self.image_cache.create_disk_from_image(context, instance, image_meta)
+
+    def delete_instance_disk(self, instance: Any) -> None:
+        self.image_cache.delete_instance_disk(instance)

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import glance as glance_module
+from ..direct import stream_disk
 from ..glance import GlanceClient, Sink
 from ..models import ImageInfo
-from ..names import instance_disk_name, partial_disk_name
+from ..names import instance_disk_name
 from ..storage.filevg import CloneMethod, FileVG
 from ..transfer import CacheSettings, ImageCache
 from .images import sha256_file
@@ -156,15 +157,7 @@ async def _no_cache_one(
     glance: GlanceClient, vg: FileVG, image_id: str, inst: str
 ) -> tuple[str, str, float, str]:
     start = time.monotonic()
-    info = await glance.get_image(image_id)
-    disk = instance_disk_name(inst)
-    partial = await vg.create_partial(partial_disk_name(), info.size)
-    try:
-        await glance.download(info, partial)
-        await partial.publish(disk)
-    except BaseException:
-        await partial.discard()
-        raise
+    disk, _ = await stream_disk(glance, vg, image_id, inst)
     return image_id, disk, time.monotonic() - start, "miss"
 
 
