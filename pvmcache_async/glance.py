@@ -68,7 +68,7 @@ MAX_URL_LENGTH = 2048  # an endpoint, not a payload: longer is a mistake or an a
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HEX = re.compile(r"[0-9a-f]+")
-_HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f:.]+")  # a DNS name or an IP literal
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a DNS name or an IP literal
 _TOKEN = re.compile(r"[!-~]+")  # visible ASCII: what an HTTP header value can carry as is
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 

@@ -76,15 +76,18 @@ def _assert_nothing_left(vg: Path, keep: list[str]) -> None:
     assert list((vg / ".pvmcache" / "clones").iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["deploy", "prefetch"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
 def test_a_signal_mid_download_discards_the_download_and_exits_with_its_status(
-    glance_server: GlanceServer, tmp_path: Path, signum: signal.Signals
+    glance_server: GlanceServer, tmp_path: Path, signum: signal.Signals, command: str
 ) -> None:
     data = disk_image(4 * MiB, seed=80)
     img = glance_server.create_image(data)
     vg = tmp_path / "vg"
     insts = [str(uuid.uuid4()) for _ in range(2)]
     deploy = ["deploy", img, *(a for i in insts for a in ("--instance", i)), "--json"]
+    if command == "prefetch":
+        deploy = ["prefetch", img, "--json"]
     with ThreadedFaultProxy(glance_server.url) as proxy:
         proxy.plan(img, stall(after=MiB + 4321))
         child = _start(["-m", "pvmcache_async", *_cli(proxy.url, vg, *deploy)], subprocess.PIPE)
@@ -107,9 +110,11 @@ def test_a_signal_mid_download_discards_the_download_and_exits_with_its_status(
     again = _run(glance_server.url, vg, *deploy)  # the same instances, at once
     assert again.returncode == 0, again.stderr
     rows = [json.loads(line) for line in again.stdout.splitlines()]
-    assert {r["instance"] for r in rows} == set(insts)
-    for r in rows:
+    assert [r["result"] for r in rows].count("miss") == 1  # downloaded afresh, once
+    assert sum(r["bytes_fetched"] for r in rows) == len(data)
+    for r in rows if command == "deploy" else []:
         assert (vg / r["disk"]).read_bytes() == data
+    assert {r.get("instance") for r in rows} == (set(insts) if command == "deploy" else {None})
 
 
 _HELD_CLONES = textwrap.dedent(
