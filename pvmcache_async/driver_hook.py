@@ -276,11 +276,10 @@ class DriverHook:
             cache, glance, vg = self._cache, self._glance, self._vg
             self._cache = self._glance = self._vg = None
             if cache is not None:
-                await cache.close()  # its Glance client and VG too
-                return
-            if glance is not None:
+                await cache.close()  # its Glance client (if it has one) and the VG too
+            if glance is not None and (cache is None or cache.glance is not glance):
                 await glance.close()
-            if vg is not None:
+            if vg is not None and cache is None:
                 await vg.close()
 
         self._loop.stop(close_all)
