@@ -210,6 +210,7 @@ class DriverHook:
         self.vg_spec: str = pc.volume_group
         # made on the loop thread when first needed; the cache, once made, owns the other two
         self._vg: VolumeGroup | None = None
+        self._direct_swept = False
         self._glance: GlanceClient | None = None
         self._cache: ImageCache | None = None
         self.manager = ImageManager(self._with_cache, self.vg_spec, conf)
@@ -255,7 +256,11 @@ class DriverHook:
             glance = self._open_glance(url)
             if glance is None:
                 raise NoGlanceEndpoint("no Glance endpoint to fetch it from", image_id=image_id)
-            disk, _ = await direct.stream_disk(glance, self._open_vg(), image_id, instance.uuid)
+            vg = self._open_vg()
+            if not self._direct_swept:  # once: what deploys killed mid-way left (owners dead)
+                self._direct_swept = True
+                await vg.remove_dead_temporaries()
+            disk, _ = await direct.stream_disk(glance, vg, image_id, instance.uuid)
             return disk
 
         return self._on_loop(stream, context)

@@ -16,7 +16,7 @@ from nova.virt import fake
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.errors import DiskExists, IntegrityError
 from pvmcache_async.fake_driver import FakeImageCacheDriver
-from pvmcache_async.names import direct_partial_name, instance_disk_name
+from pvmcache_async.names import instance_disk_name, partial_disk_name
 
 from .nova_support import CONF, make_instance
 from .support import disk_image, vg_files
@@ -126,7 +126,8 @@ def test_without_the_cache_a_disk_is_never_replaced_and_a_dead_partial_is_cleare
     image_id = glance_server.create_image(data)
     instance = make_instance(nova_db, image_id)
     nova_conf.mkdir(parents=True)
-    (nova_conf / direct_partial_name(instance.uuid)).write_bytes(b"left by a crash")
+    # a partial whose writer died: no owner lock is held on it
+    (nova_conf / partial_disk_name()).write_bytes(b"left by a crash")
 
     disk = uncached.stream_disk_from_glance(nova_db, instance, _meta(image_id))
     with pytest.raises(DiskExists):
