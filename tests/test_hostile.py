@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async import CacheSettings, DeployResult, GlanceClient, ImageCache, StorageError
+from pvmcache_async import (
+    CacheSettings,
+    DeployResult,
+    GlanceClient,
+    ImageCache,
+    InsufficientSpace,
+    StorageError,
+)
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import PARTIAL_PREFIX, cache_disk_names, instance_disk_name
 from pvmcache_async.storage.filevg import FileVG
@@ -456,20 +463,31 @@ def test_a_full_vg_can_still_be_listed_and_pruned(
     assert vg_files(small_vg) == [row["disk"]]  # the instance disk stays
 
 
-def test_a_clone_whose_use_cannot_be_recorded_leaves_no_disk(
+class _FillingVG(FileVG):
+    """A file VG whose filesystem is filled to the last block right after each clone."""
+
+    async def clone(self, source: str, target: str) -> None:
+        await super().clone(source, target)
+        _fill(self.root)
+
+
+async def test_a_clone_whose_use_cannot_be_recorded_leaves_no_disk(
     glance_server: GlanceServer, small_vg: Path
 ) -> None:
     data = os.urandom(2 * MiB)
     img = glance_server.create_image(data)
-    _deploy(glance_server.url, small_vg, img)
-    filler = _fill(small_vg, leave=len(data))  # room for the clone, none for the index after
     inst = str(uuid.uuid4())
-
-    line = _error(run_cli(glance_server.url, small_vg, "deploy", img, "--instance", inst))
-
-    assert img in line and "no space left" in line
-    assert instance_disk_name(inst) not in vg_files(small_vg)
-    filler.unlink()
+    cache = ImageCache(_FillingVG(small_vg), GlanceClient(glance_server.url))
+    try:
+        await cache.ensure(img)
+        with pytest.raises(InsufficientSpace) as failed:  # the clone fitted, its record did not
+            await cache.deploy(img, inst)
+        assert f"image {img}: cache index" in str(failed.value)
+        assert "no space left" in str(failed.value)
+        assert instance_disk_name(inst) not in vg_files(small_vg)
+    finally:
+        await cache.close()
+    (small_vg / ".filler").unlink()
     again = _deploy(glance_server.url, small_vg, img, inst)  # the same instance, at once
     assert again["disk"] == instance_disk_name(inst)
     assert _sha(small_vg / instance_disk_name(inst)) == hashlib.sha256(data).hexdigest()
