@@ -525,14 +525,15 @@ class ImageCache:
         )
 
     async def _begin(self) -> None:
-        """Before the first call does anything: rebuild an index that was lost (once)."""
+        """Before the first call does anything: rebuild an index that was lost (once; callers
+        that come meanwhile wait for it, and a cancelled caller does not cancel it)."""
         if self._begun is None:
             self._begun = asyncio.ensure_future(self._rebuild_if_needed())
         begun = self._begun
         try:
             await asyncio.shield(begun)
         except Exception:
-            if self._begun is begun:  # failed (e.g. the VG is unreachable): the next call retries
+            if self._begun is begun:  # e.g. the VG unreachable: the next call tries again
                 self._begun = None
             raise
 
@@ -542,7 +543,7 @@ class ImageCache:
         try:
             adopted = await self.rebuild_index()
         except InsufficientSpace as exc:  # a full VG: lists and prunes must still work
-            log.warning("cache index not rebuilt yet: %s", exc.message)
+            log.info("cache index not rebuilt yet (the next process tries again): %s", exc)
             return
         await self._db(self._index.rebuilt)
         if adopted:

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async import CacheSettings, GlanceClient, ImageCache, StorageError
+from pvmcache_async import (
+    CacheSettings,
+    DeployResult,
+    GlanceClient,
+    ImageCache,
+    InsufficientSpace,
+    StorageError,
+)
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import PARTIAL_PREFIX, cache_disk_names, instance_disk_name
 from pvmcache_async.storage.filevg import FileVG
@@ -341,26 +348,41 @@ class _HookedVG(FileVG):
         return await super().disk_size(name)
 
 
+async def _deploy_with_hook(
+    glance_server: GlanceServer,
+    root: Path,
+    data: bytes,
+    nth: int,
+    hook: Callable[[str], Awaitable[None]],
+) -> DeployResult:
+    """Cache the image, then deploy it with ``hook(cache_disk)`` run at the ``nth`` look at
+    its cache disk during the deploy."""
+    img = glance_server.create_image(data)
+    vg = _HookedVG(root)
+    cache = ImageCache(vg, GlanceClient(glance_server.url))
+    try:
+        cache_disk = (await cache.ensure(img)).cache_disk
+        vg.name, vg.nth, vg.hook = cache_disk, nth, lambda: hook(cache_disk)
+        return await cache.deploy(img, str(uuid.uuid4()))
+    finally:
+        await cache.close()
+
+
 async def test_a_removal_cannot_take_the_cache_disk_from_a_deploy_under_way(
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:
     data = disk_image(MiB, seed=102)
-    img = glance_server.create_image(data)
-    vg = _HookedVG(tmp_path / "vg")
-    cache = ImageCache(vg, GlanceClient(glance_server.url))
     pruner = ImageCache(FileVG(tmp_path / "vg"))  # its own lock files, as another process
     removed: list[bool] = []
+
+    async def remove(cache_disk: str) -> None:  # between the deploy's look and its clone
+        [entry] = await pruner.entries()
+        removed.append(await pruner.remove(entry.image_id))
+
     try:
-        cache_disk = (await cache.ensure(img)).cache_disk
-
-        async def remove() -> None:  # between the deploy's look at the cache and its clone
-            removed.append(await pruner.remove(img))
-
-        vg.name, vg.nth, vg.hook = cache_disk, 1, remove
-        deployed = await cache.deploy(img, str(uuid.uuid4()))
+        deployed = await _deploy_with_hook(glance_server, tmp_path / "vg", data, 1, remove)
     finally:
         await pruner.close()
-        await cache.close()
 
     assert removed == [False]
     assert (deployed.result.value, deployed.bytes_fetched) == ("hit", 0)
@@ -371,22 +393,14 @@ async def test_a_deploy_that_downloads_again_after_its_cache_disk_vanished_says_
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:
     data = disk_image(MiB, seed=103)
-    img = glance_server.create_image(data)
-    vg = _HookedVG(tmp_path / "vg")
-    cache = ImageCache(vg, GlanceClient(glance_server.url))
-    try:
-        cache_disk = (await cache.ensure(img)).cache_disk
 
-        async def rm() -> None:  # an operator's rm, after the deploy found the image cached
-            (tmp_path / "vg" / cache_disk).unlink()
+    async def rm(cache_disk: str) -> None:  # an operator's rm, after the deploy found it cached
+        (tmp_path / "vg" / cache_disk).unlink()
 
-        vg.name, vg.nth, vg.hook = cache_disk, 2, rm
-        deployed = await cache.deploy(img, str(uuid.uuid4()))
-    finally:
-        await cache.close()
+    deployed = await _deploy_with_hook(glance_server, tmp_path / "vg", data, 2, rm)
 
     assert (deployed.result.value, deployed.bytes_fetched) == ("miss", len(data))
-    assert glance_server.file_requests(img) == 2
+    assert glance_server.file_requests(deployed.image_id) == 2
     assert (tmp_path / "vg" / deployed.disk).read_bytes() == data
 
 
@@ -449,20 +463,31 @@ def test_a_full_vg_can_still_be_listed_and_pruned(
     assert vg_files(small_vg) == [row["disk"]]  # the instance disk stays
 
 
-def test_a_clone_whose_use_cannot_be_recorded_leaves_no_disk(
+class _FillingVG(FileVG):
+    """A file VG whose filesystem is filled to the last block right after each clone."""
+
+    async def clone(self, source: str, target: str) -> None:
+        await super().clone(source, target)
+        _fill(self.root)
+
+
+async def test_a_clone_whose_use_cannot_be_recorded_leaves_no_disk(
     glance_server: GlanceServer, small_vg: Path
 ) -> None:
     data = os.urandom(2 * MiB)
     img = glance_server.create_image(data)
-    _deploy(glance_server.url, small_vg, img)
-    filler = _fill(small_vg, leave=len(data))  # room for the clone, none for the index after
     inst = str(uuid.uuid4())
-
-    line = _error(run_cli(glance_server.url, small_vg, "deploy", img, "--instance", inst))
-
-    assert img in line and "no space left" in line
-    assert instance_disk_name(inst) not in vg_files(small_vg)
-    filler.unlink()
+    cache = ImageCache(_FillingVG(small_vg), GlanceClient(glance_server.url))
+    try:
+        await cache.ensure(img)
+        with pytest.raises(InsufficientSpace) as failed:  # the clone fitted, its record did not
+            await cache.deploy(img, inst)
+        assert f"image {img}: cache index" in str(failed.value)
+        assert "no space left" in str(failed.value)
+        assert instance_disk_name(inst) not in vg_files(small_vg)
+    finally:
+        await cache.close()
+    (small_vg / ".filler").unlink()
     again = _deploy(glance_server.url, small_vg, img, inst)  # the same instance, at once
     assert again["disk"] == instance_disk_name(inst)
     assert _sha(small_vg / instance_disk_name(inst)) == hashlib.sha256(data).hexdigest()
