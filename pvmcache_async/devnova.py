@@ -306,6 +306,12 @@ class NovaCloud:
         install_packages(self.root.parent / f"{self.root.name}-apt.log")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # rabbitmq and mysql must reach their directories
+        for parent in self.root.parents:
+            if not parent.stat().st_mode & 0o001:
+                raise DevNovaError(
+                    f"{parent} is closed to other users: the rabbitmq and mysql users must "
+                    f"reach {self.root}; choose a --root under a directory open to them"
+                )
         self.logs.mkdir(exist_ok=True)
         if self.state is None:
             self.state = CloudState(
@@ -751,8 +757,7 @@ volume_group = file:{self.vg_path(host)}
 
     def down(self) -> None:
         """Stop every process of the cloud (epmd too) and remove ``root``."""
-        if self.state is None:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if self.state is None:  # not a cloud's directory (or gone): never remove it
             return
         st = self.state
         with self._phase("down: nova and placement"):
@@ -817,6 +822,9 @@ def _main(argv: list[str] | None = None) -> int:
                 glance_url=args.glance_url,
             )
         elif args.command == "down":
+            if cloud.state is None:
+                print(f"no nova cloud in {args.root}")
+                return 0
             cloud.down()
             print(f"nova cloud in {args.root}: stopped and removed")
             return 0
