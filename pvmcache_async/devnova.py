@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .devglance import GlanceServer, ensure_venv
+from .devglance import GlanceServer, _free_port, _tail, ensure_venv
 
 __all__ = [
     "DEFAULT_DRIVER",
@@ -89,20 +89,6 @@ class DevNovaError(Exception):
     """The nova cloud could not be installed, started, stopped or asked something."""
 
 
-def _tail(path: Path, lines: int = 12) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _listening(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -129,7 +115,7 @@ def _run(cmd: list[str], log: Path, what: str, **kw: Any) -> None:
         raise DevNovaError(f"{what} failed (rc={rc}): {_tail(log, 6)}")
 
 
-def install_packages(log: Path | None = None) -> None:
+def install_packages(log: Path) -> None:
     """Install RabbitMQ and MariaDB from Debian (as root), once: ``apt-get update`` first only
     when a package cannot be installed from the lists the machine has."""
     missing = [p for p in _PACKAGES if not _installed(p)]
@@ -137,7 +123,6 @@ def install_packages(log: Path | None = None) -> None:
         return
     if os.geteuid() != 0:
         raise DevNovaError(f"{' '.join(missing)} not installed; run as root to install them")
-    log = log or Path("/tmp/pvmcache-nova-apt.log")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
     with log.open("ab") as out:
@@ -303,7 +288,6 @@ class NovaCloud:
 
         The settings apply when the cloud is made; an existing cloud keeps its own.
         """
-        install_packages(self.root.parent / f"{self.root.name}-apt.log")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # rabbitmq and mysql must reach their directories
         for parent in self.root.parents:
@@ -313,6 +297,7 @@ class NovaCloud:
                     f"reach {self.root}; choose a --root under a directory open to them"
                 )
         self.logs.mkdir(exist_ok=True)
+        install_packages(self.logs / "apt.log")
         if self.state is None:
             self.state = CloudState(
                 hosts=list(hosts),

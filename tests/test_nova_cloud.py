@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import pytest
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.devnova import NovaCloud
 from pvmcache_async.names import instance_disk_name
-from pvmcache_async.storm.images import make_image_file, sha256_file
+from pvmcache_async.storm.images import sha256_file, upload_images
 from pvmcache_async.storm.nova import boot_storm, leftovers
 
 pytestmark = [
@@ -45,15 +46,34 @@ def cloud(glance_server: GlanceServer) -> Iterator[NovaCloud]:
         nova.up(hosts=HOSTS, glance_url=glance_server.url)
         yield nova
     finally:
+        pids = [pid for _, pid, _ in nova.processes()] if nova.state else []
+        ports = list(nova.state.ports.values()) if nova.state else []
         nova.down()
         shutil.rmtree(top, ignore_errors=True)
+    # down leaves nothing running: no process it started, nothing on its ports (epmd's too)
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+    assert [port for port in ports if _listening(port)] == []
+    assert not (top / "cloud").exists()
 
 
-def _upload(glance: GlanceServer, size: int, seed: int) -> tuple[str, str]:
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_again_leaves_the_running_cloud_alone(cloud: NovaCloud) -> None:
+    assert cloud.state is not None
+    running = dict(cloud.state.pids)
+
+    cloud.up()
+
+    assert cloud.state.pids == running
+    assert all(alive for _, _, alive in cloud.processes())
+
+
+def _upload(glance: GlanceServer, size: int, seed: int, count: int = 1) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "image.raw"
-        sha = make_image_file(path, size, seed)
-        return glance.create_image(path, name=f"nova-cloud-{seed}"), sha
+        return upload_images(glance, count, size, seed, Path(tmp), name="nova-cloud")
 
 
 def _cache_disks(cloud: NovaCloud, host: str) -> list[str]:
@@ -63,7 +83,7 @@ def _cache_disks(cloud: NovaCloud, host: str) -> list[str]:
 def test_a_storm_through_nova_gets_each_image_once_per_host(
     cloud: NovaCloud, glance_server: GlanceServer
 ) -> None:
-    images = dict(_upload(glance_server, 8 * MiB, seed) for seed in (101, 102))
+    images = _upload(glance_server, 8 * MiB, seed=101, count=2)
 
     got = boot_storm(cloud, glance_server, images, 12, mode="cache", label="ci")
 
@@ -89,7 +109,7 @@ def test_a_compute_stopped_during_its_download_boots_the_image_after_a_restart(
     cloud: NovaCloud, glance_server: GlanceServer, sig: signal.Signals
 ) -> None:
     host, others = HOSTS[0], HOSTS[1:]
-    image, sha = _upload(glance_server, 192 * MiB, 200 + sig)
+    ((image, sha),) = _upload(glance_server, 192 * MiB, seed=200 + sig).items()
     other_pids = {h: cloud.compute_pid(h) for h in others}
     other_disks = {h: sorted(p.name for p in cloud.vg_path(h).iterdir()) for h in others}
     vg = cloud.vg_path(host)

@@ -32,7 +32,7 @@ from ..glance import GlanceClient
 from ..names import instance_disk_name
 from ..storage import open_vg
 from ..transfer import ImageCache
-from .images import make_image_file, sha256_file
+from .images import sha256_file, upload_images
 from .run import _machine, _percentile
 
 NOVA_MODES = ("cache", "no-cache", "nova")
@@ -86,17 +86,6 @@ class NovaStormReport:
 
 def hosts_of(plan: NovaStormPlan) -> list[str]:
     return [f"compute{n}" for n in range(1, plan.hosts + 1)]
-
-
-def upload_images(glance: GlanceServer, plan: NovaStormPlan, scratch: Path) -> dict[str, str]:
-    """Generated images in Glance: image id -> sha256 of its bytes."""
-    images: dict[str, str] = {}
-    for n in range(plan.images):
-        path = scratch / f"nova-storm-image{n}.raw"
-        sha = make_image_file(path, plan.image_size, plan.seed + n)
-        images[glance.create_image(path, name=f"nova-storm-{n}")] = sha
-        path.unlink()
-    return images
 
 
 async def _prefetch(glance_url: str, vgs: list[Path], image_ids: list[str]) -> None:
@@ -260,7 +249,9 @@ def run_nova_storm(plan: NovaStormPlan, workdir: Path | None = None) -> NovaStor
     report = NovaStormReport(plan, _machine(tmp))
     glance = GlanceServer.start(tmp / "glance", workers=2, threads=8)
     try:
-        images = upload_images(glance, plan, tmp)
+        images = upload_images(
+            glance, plan.images, plan.image_size, plan.seed, tmp, name="nova-storm"
+        )
         for mode in plan.modes:
             cloud = NovaCloud(tmp / f"cloud-{mode}")
             try:
