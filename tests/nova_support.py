@@ -31,25 +31,44 @@ PROJECT, USER = "pvmcache-project", "pvmcache-user"
 
 
 @pytest.fixture(scope="session")
-def nova_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """An admin RequestContext on a migrated nova database (one per session)."""
+def _nova_db_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("nova")
+
+
+def _db_overrides(db: Path) -> list[tuple[str, object, str | None]]:
+    return [
+        ("connection", f"sqlite:///{db / 'nova.sqlite'}", "database"),
+        ("instances_path", str(db / "instances"), None),
+    ]
+
+
+@pytest.fixture(scope="session")
+def nova_db(_nova_db_path: Path) -> Iterator[Any]:
+    """An admin RequestContext on a migrated nova database (one per session).
+
+    CONF is used unparsed, with its defaults: nova's functional tests (test_nova_*.py), in
+    the same session, parse it themselves and reset it, overrides included, after each test;
+    so ``nova_conf`` sets this database again for each test that uses it.
+    """
     objects.register_all()
-    CONF([], project="nova", default_config_files=[])  # no files, no arguments: defaults
     pvm_conf.register_opts(CONF)
-    db = tmp_path_factory.mktemp("nova")
-    CONF.set_override("connection", f"sqlite:///{db / 'nova.sqlite'}", "database")
-    CONF.set_override("instances_path", str(db / "instances"))
-    migration.db_sync()
+    for name, value, group in _db_overrides(_nova_db_path):
+        CONF.set_override(name, value, group)
+    migration.db_sync()  # nova's engine is bound to this database from here on
     yield nova_context.RequestContext(USER, PROJECT, is_admin=True, auth_token="nova-token")
-    CONF.clear_override("connection", "database")
-    CONF.clear_override("instances_path")
+    for name, _, group in _db_overrides(_nova_db_path):
+        CONF.clear_override(name, group)
 
 
 @pytest.fixture
-def nova_conf(tmp_path: Path, glance_server: GlanceServer, nova_db: Any) -> Iterator[Path]:
+def nova_conf(
+    tmp_path: Path, glance_server: GlanceServer, nova_db: Any, _nova_db_path: Path
+) -> Iterator[Path]:
     """nova's CONF for one test: a file VG under tmp_path, Glance from nova's [glance]."""
+    pvm_conf.register_opts(CONF)
     vg = tmp_path / "vg"
     overrides = [
+        *_db_overrides(_nova_db_path),
         ("volume_group", f"file:{vg}", pvm_conf.GROUP),
         ("api_servers", [glance_server.url], "glance"),
     ]

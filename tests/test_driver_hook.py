@@ -197,6 +197,10 @@ def service_user() -> Iterator[None]:
     for name in settings:
         CONF.clear_override(name, "service_user")
     service_auth.reset_globals()
+    # keystoneauth registers the plugins' options as it loads them; nova's own tests (in this
+    # session too) parse CONF, and the password plugin's auth_url would then be required
+    for plugin in ("admin_token", "password"):
+        CONF.unregister_opts(ks_loading.get_auth_plugin_conf_options(plugin), group="service_user")
 
 
 def test_glance_gets_nova_s_service_token_beside_the_request_s(
