@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ..devglance import GlanceServer
-from ..devnova import DEFAULT_DRIVER, NovaCloud
+from ..devnova import DEFAULT_DRIVER, NovaAPI, NovaCloud
 from ..errors import CacheError
 from ..glance import GlanceClient
-from ..names import instance_disk_name
+from ..names import CLONE_PREFIX, PARTIAL_PREFIX, instance_disk_name
 from ..storage import open_vg
 from ..transfer import ImageCache
 from .images import sha256_file, upload_images
@@ -191,13 +191,15 @@ def boot_storm(
     )
 
 
-def _images_of_servers(api: Any, label: str, ids: list[str], counts: list[int]) -> dict[str, str]:
+def _images_of_servers(
+    api: NovaAPI, label: str, ids: list[str], counts: list[int]
+) -> dict[str, str]:
     """Server id -> its image, from the names each request gave (``LABEL-N-...``)."""
-    return {
-        sid: image for n, image in enumerate(ids) if counts[n] for sid in api.server_ids(
-            f"{label}-{n}-"
-        )
-    }  # fmt: skip
+    image_of: dict[str, str] = {}
+    for n, image in enumerate(ids):
+        if counts[n]:  # the trailing dash keeps LABEL-1- from matching LABEL-10-
+            image_of.update(dict.fromkeys(api.server_ids(f"{label}-{n}-"), image))
+    return image_of
 
 
 def _check_disks(
@@ -223,19 +225,14 @@ def _check_disks(
 
 
 def leftovers(cloud: NovaCloud) -> list[str]:
-    """Partial (``p_``) and temporary (``t_``, dot-files) disks in any host's VG."""
+    """Partial (``p_``) and clone temporary (``t_``) disks in any host's VG, as HOST/NAME."""
     assert cloud.state is not None
-    left = []
-    for host in cloud.state.hosts:
-        vg = cloud.vg_path(host)
-        if vg.exists():
-            left += [
-                f"{host}/{p.name}"
-                for p in vg.iterdir()
-                if p.name.startswith(("p_", "t_")) or (p.name.startswith(".") and p.is_file()
-                and not p.name.endswith((".lock", ".json", ".db")))
-            ]  # fmt: skip
-    return sorted(left)
+    return sorted(
+        f"{host}/{p.name}"
+        for host in cloud.state.hosts
+        for p in (cloud.vg_path(host).iterdir() if cloud.vg_path(host).exists() else [])
+        if p.name.startswith((PARTIAL_PREFIX, CLONE_PREFIX))
+    )
 
 
 def run_nova_storm(plan: NovaStormPlan, workdir: Path | None = None) -> NovaStormReport:
