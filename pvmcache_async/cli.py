@@ -42,6 +42,7 @@ _RETRY = RetryPolicy()
 N = TypeVar("N", int, float)
 T = TypeVar("T")
 _STORM_MODES = ("cache", "no-cache", "per-image-lock")
+_NOVA_STORM_MODES = ("cache", "no-cache", "nova")  # storm.nova.NOVA_MODES, without importing it
 _EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 _MAX_ID_ARG = 100  # a uuid has 36 characters; anything far longer is refused unread
 
@@ -227,8 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument(
         "--modes",
-        default=",".join(_STORM_MODES),
-        help="comma-separated modes to run (default %(default)s)",
+        help=f"comma-separated modes to run (default {','.join(_STORM_MODES)}; "
+        f"through nova: {','.join(_NOVA_STORM_MODES)})",
+    )
+    st.add_argument(
+        "--through",
+        choices=("vg", "nova"),
+        default="vg",
+        help="deploy straight into file VGs (default), or boot --deploys servers through a "
+        "real nova cloud on loopback (as root: installs RabbitMQ and MariaDB)",
+    )
+    st.add_argument(
+        "--hosts", type=int, default=3, help="nova-compute hosts with --through nova (default 3)"
     )
     st.add_argument(
         "--no-single",
@@ -396,10 +407,13 @@ async def _storm(args: argparse.Namespace, session: _Session) -> int:
 
     if args.images < 1 or args.deploys < 1:
         raise InvalidInput("storm needs at least one image and one deploy")
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    unknown = sorted(set(modes) - set(_STORM_MODES))
+    known = _NOVA_STORM_MODES if args.through == "nova" else _STORM_MODES
+    modes = tuple(m.strip() for m in (args.modes or ",".join(known)).split(",") if m.strip())
+    unknown = sorted(set(modes) - set(known))
     if unknown or not modes:
-        raise InvalidInput(f"unknown storm mode {unknown}: choose from {', '.join(_STORM_MODES)}")
+        raise InvalidInput(f"unknown storm mode {unknown}: choose from {', '.join(known)}")
+    if args.through == "nova":
+        return await _storm_through_nova(args, modes, session)
     if args.plot is not None:
         from .storm.plot import plot, pyplot
 
@@ -417,6 +431,30 @@ async def _storm(args: argparse.Namespace, session: _Session) -> int:
     if args.plot is not None:
         plot(report, args.plot)
     session.out(json.dumps(report.as_json()) if args.json else format_report(report))
+    return 0
+
+
+async def _storm_through_nova(
+    args: argparse.Namespace, modes: tuple[str, ...], session: _Session
+) -> int:
+    from .devnova import DevNovaError
+    from .storm.nova import NovaStormPlan, format_nova_report, run_nova_storm
+
+    if args.hosts < 1:
+        raise InvalidInput("storm --through nova needs at least one host")
+    plan = NovaStormPlan(
+        servers=args.deploys,
+        images=args.images,
+        image_size=args.image_size,
+        hosts=args.hosts,
+        modes=modes,
+        verify=not args.no_verify,
+    )
+    try:
+        report = await asyncio.to_thread(run_nova_storm, plan, args.workdir)
+    except DevNovaError as exc:
+        raise CacheError(f"nova cloud: {exc}") from exc
+    session.out(json.dumps(report.as_json()) if args.json else format_nova_report(report))
     return 0
 
 

@@ -19,8 +19,10 @@ as its fault (``driver_hook.build_errors``).
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
+import nova.virt.node
 from nova.virt import fake
 
 from .driver_hook import ImageCacheDriverMixin, build_errors
@@ -70,6 +72,23 @@ class FakeImageCacheDriver(ImageCacheDriverMixin, fake.FakeDriver):  # type: ign
         if destroy_disks:
             self.delete_instance_disk(instance)
 
+    # nova's FakeDriver makes its node uuids up anew in each process (uuidsentinel): a
+    # restarted nova-compute would not find its compute node again. One uuid per node name,
+    # the same across restarts, as a real driver's node keeps its identity.
+    def init_host(self, host: str) -> None:
+        super().init_host(host)
+        if nova.virt.node.read_local_node_uuid() is None:  # what nova checks on a restart
+            nova.virt.node.write_local_node_uuid(node_uuid(host))
+
+    def get_available_resource(self, nodename: str) -> dict[str, Any]:
+        resources: dict[str, Any] = super().get_available_resource(nodename)
+        if resources:
+            resources["uuid"] = node_uuid(nodename)
+        return resources
+
+    def get_nodenames_by_uuid(self, refresh: bool = False) -> dict[str, str]:
+        return {node_uuid(n): n for n in self.get_available_nodes(refresh)}
+
     def _make_disk(self, context: Any, instance: Any, image_meta: Any) -> None:
         made = self.create_disk_from_image(context, instance, image_meta)
         if made is not None:
@@ -79,6 +98,11 @@ class FakeImageCacheDriver(ImageCacheDriverMixin, fake.FakeDriver):  # type: ign
         with build_errors(image_meta):  # the cache is off: the disk is made our own way
             disk = self.image_cache.stream_disk_from_glance(context, instance, image_meta)
         log.info("instance %s: disk %s streamed from Glance (no image cache)", instance.uuid, disk)
+
+
+def node_uuid(nodename: str) -> str:
+    """The stable uuid of a fake node: the same in every process and after restarts."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"pvmcache-fake-node:{nodename}"))
 
 
 def _has_image(image_meta: Any) -> bool:

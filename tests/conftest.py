@@ -17,3 +17,9 @@ def glance_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceSe
         yield server
     finally:
         server.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "nova_cloud: boots servers on a real nova cloud (tests/test_nova_cloud.py)"
+    )

@@ -20,7 +20,7 @@ from ..devglance import GlanceServer
 from ..errors import CacheError
 from ..storage.filevg import reflink
 from . import refs
-from .images import make_image_file
+from .images import upload_images
 from .worker import Job, Options
 
 MODES = ("cache", "no-cache", "per-image-lock")
@@ -187,12 +187,7 @@ def run_storm_sync(plan: StormPlan, workdir: Path | None = None) -> StormReport:
         report = StormReport(plan, _machine(root))
         glance = GlanceServer.start(root / "glance")
         try:
-            images: dict[str, str] = {}
-            for n in range(plan.images):
-                path = root / f"image{n}.raw"
-                sha = make_image_file(path, plan.image_size, plan.seed + n)
-                images[glance.create_image(path, name=f"storm-{n}")] = sha
-                path.unlink()
+            images = upload_images(glance, plan.images, plan.image_size, plan.seed, root)
 
             def job(mode: str, vg: str, **kw: Any) -> Job:
                 base = {"images": images, "deploys": plan.deploys, "verify": plan.verify}
