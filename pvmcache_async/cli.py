@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import aio
+from . import aio, auth
 from .errors import CacheError, InvalidInput
 from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
 from .models import CacheEntry
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("OS_AUTH_TOKEN"),
         help="sent as X-Auth-Token, never printed [OS_AUTH_TOKEN]",
     )
+    auth.add_arguments(p)
     p.add_argument(
         "--vg",
         default=os.environ.get("PVMCACHE_VG") or default_vg_spec(),
@@ -199,12 +200,21 @@ def _size(text: str) -> int:
 
 def _open_cache(args: argparse.Namespace) -> ImageCache:
     glance = None
-    if args.glance_url:  # without one, hits still work; a miss says what is missing
+    access = auth.glance_access(
+        cloud=args.os_cloud,
+        region_name=args.os_region_name,
+        interface=args.os_interface,
+        glance_url=args.glance_url,
+        token=args.token,
+        ca_file=args.ca_file,
+        insecure=args.insecure,
+    )
+    if access is not None:  # without one, hits still work; a miss says what is missing
         glance = GlanceClient(
-            args.glance_url,
-            token=args.token,
-            ca_file=args.ca_file,
-            verify_tls=not args.insecure,
+            access.url,
+            token=access.token,
+            ca_file=access.ca_file,
+            verify_tls=access.verify_tls,
             read_timeout=args.read_timeout,
             retry=RetryPolicy(retries=args.retries),
         )
