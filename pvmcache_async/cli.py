@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import aio, auth
+from . import aio, auth, display
 from .errors import CacheError, InvalidInput
 from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
 from .models import CacheEntry
@@ -120,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an instance uuid; repeat for several",
     )
     d.add_argument("--json", action="store_true")
+    display.add_argument(d)
 
     f = sub.add_parser("prefetch", help="cache images without deploying")
     f.add_argument("image_ids", nargs="+", metavar="IMAGE_ID")
     f.add_argument("--json", action="store_true")
+    display.add_argument(f)
 
     ls = sub.add_parser("ls", help="list the cached images")
     ls.add_argument("--json", action="store_true")
@@ -287,10 +289,11 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "storm":
         return await _storm(args)
     cache = _open_cache(args)
+    shown = display.choose(cache.progress, getattr(args, "progress", "none"), args.json, sys.stderr)
     try:
         if args.command == "deploy":
             return await _each(
-                [cache.deploy(args.image_id, i) for i in args.instance],
+                [shown.track(args.image_id, cache.deploy(args.image_id, i)) for i in args.instance],
                 lambda r: (
                     f"instance {r.instance}: disk {r.disk} cloned from {r.cache_disk} "
                     f"({r.result}, {r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
@@ -299,7 +302,7 @@ async def _run(args: argparse.Namespace) -> int:
             )
         if args.command == "prefetch":
             return await _each(
-                [cache.ensure(i) for i in args.image_ids],
+                [shown.track(i, cache.ensure(i)) for i in args.image_ids],
                 lambda r: (
                     f"image {r.image_id}: {r.cache_disk} ({r.result}, "
                     f"{r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
@@ -308,14 +311,16 @@ async def _run(args: argparse.Namespace) -> int:
             )
         if args.command == "ls":
             entries = await cache.entries()
+            filling = display.filling(cache.progress, entries)  # their downloads, if recorded
             if args.json:
-                print(json.dumps([_entry_json(e) for e in entries]))
+                print(json.dumps([_entry_json(e) | filling.get(e.image_id, {}) for e in entries]))
             else:
                 print(f"{'IMAGE ID':36}  {'CACHE DISK':15}  {'SIZE':>14}  {'STATE':7}  LAST USED")
                 for e in entries:
                     print(
                         f"{e.image_id:36}  {e.cache_disk:15}  {e.size:>14}  "
                         f"{e.state.value:7}  {_iso(e.last_used)}"
+                        + display.filling_text(filling.get(e.image_id))
                     )
             return 0
         if args.command == "prune":
@@ -333,6 +338,7 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         raise InvalidInput(f"unknown command {args.command!r}")
     finally:
+        await shown.close()
         await cache.close()
 
 

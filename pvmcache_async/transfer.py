@@ -57,6 +57,7 @@ from .names import (
     validate_image_id,
     validate_instance_uuid,
 )
+from .progress import ProgressBoard, discard_record
 from .storage import PartialDisk, VolumeGroup
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class ImageCache:
         self._lock_dir = vg.state_dir / "locks"
         self._lock_dir.mkdir(parents=True, exist_ok=True)
         self._index = Index(vg.state_dir / "index.sqlite")
+        self.progress = ProgressBoard(vg.state_dir)  # downloads under way, for those watching
         self._flights: SingleFlight[str, _Fill] = SingleFlight()
         self._downloads = asyncio.Semaphore(self.settings.max_downloads)
         self._claims: list[_Claim] = []  # room promised to the downloads under way
@@ -547,6 +549,7 @@ class ImageCache:
         a ``filling`` entry are leftovers of a crash.
         """
         await self.vg.delete(partial_disk_name(image_id))
+        await asyncio.to_thread(discard_record, self.vg.state_dir, image_id)
         entry = await self._db(self._index.get, image_id)
         if entry is None:
             return None
@@ -623,7 +626,8 @@ class ImageCache:
                         copy = None
                     tee = None if copy is None else _Tee(partial, copy, rider)
                 sink = _Counted(partial if tee is None else tee, claim)
-                fetched = await glance.download(info, sink)
+                async with self.progress.meter(info.id, info.size) as meter:
+                    fetched = await glance.download(info, meter.sink(sink))
                 await partial.publish(entry.cache_disk)
             except BaseException:
                 await _finish(partial.discard())
