@@ -25,10 +25,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from .devkeystone import Credentials
@@ -180,8 +181,74 @@ def _paste(stock: str) -> str:
     ).replace(_KEYSTONE_PIPELINE, f"{_KEYSTONE_PIPELINE}\n{_TRUSTED_PIPELINE}")
 
 
+class GunicornServer:
+    """A server run as a gunicorn process group in ``workdir``: launched, awaited, stopped.
+
+    Its own session and process group, so that ``stop`` signals master and workers together.
+    """
+
+    workdir: Path
+    _proc: subprocess.Popen[bytes] | None
+
+    def _spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        timeout: float,
+        answers: Callable[[], bool],
+        tail: Callable[[], str],
+    ) -> None:
+        """Start ``cmd``; return once ``answers()`` (OSError: not listening yet)."""
+        with (self.workdir / "gunicorn.out").open("ab") as out:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, cwd=self.workdir, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                rc = self._proc.returncode
+                self._proc = None
+                raise DevGlanceError(f"{name} exited (rc={rc}) at start: {tail()}")
+            try:
+                if answers():
+                    return
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                self.stop()
+                raise DevGlanceError(f"{name} not up after {timeout:.0f}s: {tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop master and workers (TERM, then KILL); safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        atexit.unregister(self.stop)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # also any worker the master left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 @dataclass
-class GlanceServer:
+class GlanceServer(GunicornServer):
     """A running Glance API (gunicorn process group) serving ``url`` from ``workdir``."""
 
     url: str
@@ -272,56 +339,18 @@ class GlanceServer:
             "--chdir", str(self.workdir),
         ]  # fmt: skip
         self.access_log.write_bytes(b"")  # counts start at zero for each server
-        with (self.workdir / "gunicorn.out").open("ab") as out:
-            # Own session/process group: stop() can signal master and workers together.
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=self.workdir, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                rc = self._proc.returncode
-                self._proc = None
-                raise DevGlanceError(f"glance exited (rc={rc}) at start: {self._start_tail()}")
-            try:
-                if self._call("GET", "/versions", timeout=2.0)[0] == 200:
-                    return
-            except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                self.stop()
-                raise DevGlanceError(f"glance not up after {timeout:.0f}s: {self._start_tail()}")
-            time.sleep(0.1)
+        self._spawn(
+            "glance",
+            cmd,
+            env,
+            timeout,
+            lambda: self._call("GET", "/versions", timeout=2.0)[0] == 200,
+            self._start_tail,
+        )
 
     def _start_tail(self) -> str:
         parts = [log_tail(self.workdir / "gunicorn.log", 8), log_tail(self.glance_log, 8)]
         return " || ".join(p for p in parts if p)
-
-    def stop(self) -> None:
-        """Stop master and workers (TERM, then KILL); safe to call twice."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        atexit.unregister(self.stop)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # also any worker the master left behind
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def __enter__(self) -> GlanceServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- HTTP helpers (http.client: no proxy settings apply, and a file body streams) ---
 

@@ -23,10 +23,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .devglance import DevGlanceError, ensure_venv, free_port, log_tail
+from .devglance import DevGlanceError, GunicornServer, ensure_venv, free_port, log_tail
 
 __all__ = [
     "DEFAULT_KEYSTONE_VENV",
@@ -168,7 +167,7 @@ password_hash_rounds = 4
 
 
 @dataclass
-class KeystoneServer:
+class KeystoneServer(GunicornServer):
     """A running Keystone (gunicorn process group) at ``url`` (``auth_url`` ends in /v3)."""
 
     url: str
@@ -243,50 +242,14 @@ class KeystoneServer:
             "--error-logfile", str(self.workdir / "gunicorn.log"),
             "--chdir", str(self.workdir),
         ]  # fmt: skip
-        with (self.workdir / "gunicorn.out").open("ab") as out:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=self.workdir, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                rc, self._proc = self._proc.returncode, None
-                tail = log_tail(self.workdir / "gunicorn.log", 8)
-                raise DevGlanceError(f"keystone exited (rc={rc}) at start: {tail}")
-            with contextlib.suppress(OSError):
-                if _request(self.url, "GET", "/v3")[0] == 200:
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                tail = log_tail(self.workdir / "keystone.log", 8)
-                raise DevGlanceError(f"keystone not up after {timeout:.0f}s: {tail}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """Stop master and workers (TERM, then KILL); safe to call twice."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        atexit.unregister(self.stop)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def __enter__(self) -> KeystoneServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._spawn(
+            "keystone",
+            cmd,
+            env,
+            timeout,
+            lambda: _request(self.url, "GET", "/v3")[0] == 200,
+            lambda: log_tail(self.workdir / "gunicorn.log", 8),
+        )
 
     # --- administration through the identity API, as the admin user ---
 
@@ -331,3 +294,38 @@ class KeystoneServer:
                 "region_id": region,
             }
             self._admin("POST", "/endpoints", {"endpoint": endpoint})
+
+
+def _main() -> None:
+    """``python -m pvmcache_async.devkeystone [WORKDIR]``: a dev cloud until Ctrl-C.
+
+    Keystone, Glance in its keystone flavor (in the catalog), an ``operator`` user, and a
+    ``clouds.yaml`` for it (cloud ``devstack``) in WORKDIR.
+    """
+    import sys
+
+    from .devglance import GlanceServer
+
+    workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "devcloud").resolve()
+    ensure_keystone_venv(quiet=False)
+    ensure_venv(quiet=False)
+    with KeystoneServer.start(workdir / "keystone") as keystone:
+        service_user = keystone.add_user("glance", "service", role="admin")
+        with GlanceServer.start(workdir / "glance", keystone=service_user) as glance:
+            keystone.add_endpoint("image", "glance", glance.url)
+            operator = keystone.add_user("operator", "demo")
+            clouds = workdir / "clouds.yaml"
+            clouds.write_text(operator.clouds_yaml("devstack"))
+            clouds.chmod(0o600)
+            print(
+                f"keystone at {keystone.auth_url}, glance at {glance.url}\n"
+                f"export OS_CLIENT_CONFIG_FILE={clouds} OS_CLOUD=devstack\n"
+                "Ctrl-C stops both",
+                flush=True,
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+
+
+if __name__ == "__main__":
+    _main()
