@@ -201,16 +201,17 @@ def _size(text: str) -> int:
 
 
 def _open_cache(args: argparse.Namespace) -> ImageCache:
-    glance = None
-    access = auth.glance_access(
-        cloud=args.os_cloud,
-        region_name=args.os_region_name,
-        interface=args.os_interface,
-        glance_url=args.glance_url,
-        token=args.token,
-        ca_file=args.ca_file,
-        insecure=args.insecure,
-    )
+    glance = access = None
+    if args.command in ("deploy", "prefetch"):  # ls and prune never ask keystone or Glance
+        access = auth.glance_access(
+            cloud=args.os_cloud,
+            region_name=args.os_region_name,
+            interface=args.os_interface,
+            glance_url=args.glance_url,
+            token=args.token,
+            ca_file=args.ca_file,
+            insecure=args.insecure,
+        )
     if access is not None:  # without one, hits still work; a miss says what is missing
         glance = GlanceClient(
             access.url,
