@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -50,6 +51,10 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _duration(seconds: float | None) -> str:
@@ -199,7 +204,8 @@ class Display:
             return
         self._last[image_id] = (now, record.done)
         alive = record.pid == os.getpid() or writer_alive(record)
-        self._print({"event": "progress", **record.as_json(), "writer_alive": alive})
+        event = {"event": "progress", "image_id": image_id, **record.as_json()}
+        self._print(event | {"writer_alive": alive})
 
     def _print(self, event: dict[str, Any]) -> None:
         print(json.dumps(event), file=self._stream, flush=True)
@@ -217,7 +223,11 @@ def filling(board: ProgressBoard, entries: Iterable[CacheEntry]) -> dict[str, di
         progress = None
         if record is not None:
             alive = record.pid == os.getpid() or writer_alive(record)
-            progress = record.as_json() | {"writer_alive": alive}
+            progress = record.as_json() | {
+                "writer_alive": alive,
+                "started": _iso(record.started),
+                "updated": _iso(record.updated),
+            }
         found[entry.image_id] = {"progress": progress}
     return found
 
@@ -230,7 +240,7 @@ def filling_text(fields: dict[str, Any] | None) -> str:
     if progress is None:
         return "  (no progress recorded)"
     done, total, rate = progress["done"], progress["total"], progress["rate"]
-    writer = f"pid {progress['pid']} {'alive' if progress['writer_alive'] else 'dead'}"
+    writer = f"pid {progress['writer_pid']} {'alive' if progress['writer_alive'] else 'dead'}"
     if not progress["writer_alive"]:
         return f"  {human_bytes(done)}/{human_bytes(total)}, writer {writer}"
     return (

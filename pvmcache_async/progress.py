@@ -57,7 +57,14 @@ class ProgressRecord:
         return (self.total - self.done) / self.rate if self.rate > 0 else None
 
     def as_json(self) -> dict[str, object]:
-        return asdict(self) | {"eta": self.eta}
+        """What a reader is told: the bytes, the rate, the time left and the writer's pid."""
+        return {
+            "done": self.done,
+            "total": self.total,
+            "rate": round(self.rate),
+            "eta": None if self.eta is None else round(self.eta, 1),
+            "writer_pid": self.pid,
+        }
 
 
 def _process_start(pid: int) -> int | None:
