@@ -307,6 +307,8 @@ def _main() -> None:
     from .devglance import GlanceServer
 
     workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "devcloud").resolve()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # either stops both (a background job
+        signal.signal(signum, signal.default_int_handler)  # starts with SIGINT ignored)
     ensure_keystone_venv(quiet=False)
     ensure_venv(quiet=False)
     with KeystoneServer.start(workdir / "keystone") as keystone:

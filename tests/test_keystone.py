@@ -48,11 +48,14 @@ def test_clouds_yaml_finds_glance_in_the_catalog(
     img = keystone_glance.create_image(data)
     vg = tmp_path / "vg"
     env = clouds_yaml(tmp_path, operator)  # no Glance URL: the catalog has it
-    out = run("--os-cloud", "devstack", "prefetch", img, "--json", vg=vg, env=env)
+    out = run("--debug", "--os-cloud", "devstack", "prefetch", img, "--json", vg=vg, env=env)
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
     assert row["result"] == "miss"
     assert (vg / row["cache_disk"]).read_bytes() == data
+    # even the debug log holds neither the password nor a (fernet) token
+    assert operator.password not in out.stdout + out.stderr
+    assert "gAAAAA" not in out.stdout + out.stderr
 
 
 def test_os_variables_authenticate_like_clouds_yaml(
