@@ -105,8 +105,11 @@ def read_record(state_dir: Path, image_id: str) -> ProgressRecord | None:
 
 
 def discard_record(state_dir: Path, image_id: str) -> None:
-    """Remove the image's record (a dead writer's, found under the image's lock)."""
-    _record_path(state_dir, image_id).unlink(missing_ok=True)
+    """Remove the image's record and any writer's temporary (a dead writer's, found under the
+    image's lock)."""
+    path = _record_path(state_dir, image_id)
+    for leftover in [path, *path.parent.glob(f".{image_id}.*.tmp")]:
+        leftover.unlink(missing_ok=True)
 
 
 class Meter:
@@ -168,8 +171,12 @@ class Meter:
                 return
             try:
                 self._path.parent.mkdir(exist_ok=True)
-                self._tmp.write_text(json.dumps(asdict(record)))
-                os.replace(self._tmp, self._path)
+                # a fresh file of this writer's own: never through a link planted at its name
+                self._tmp.unlink(missing_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                with os.fdopen(os.open(self._tmp, flags, 0o644), "w") as out:
+                    out.write(json.dumps(asdict(record)))
+                os.replace(self._tmp, self._path)  # replaces a link at the path, not its target
             except OSError:
                 pass  # progress is for people watching; it never fails a download
 

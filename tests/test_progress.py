@@ -6,6 +6,7 @@ Each test holds a real download mid-way (a proxy stalls Glance's body after 3 Mi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async.devglance import GlanceServer
-from pvmcache_async.progress import ProgressRecord, read_record
+from pvmcache_async.progress import ProgressBoard, ProgressRecord, read_record
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import disk_image, vg_files
@@ -252,3 +253,24 @@ def test_no_bars_when_stderr_is_no_terminal_or_with_json(
         os.close(master)
         if slave >= 0:
             os.close(slave)
+
+
+async def test_a_link_planted_at_a_record_never_writes_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    image_id = "3e865d14-8c1e-4c6d-9a1e-7b1b3c2a9f00"
+    records = tmp_path / "progress"
+    records.mkdir()
+    (records / f"{image_id}.json").symlink_to(victim)
+    (records / f".{image_id}.{os.getpid()}.tmp").symlink_to(victim)
+    board = ProgressBoard(tmp_path)
+    async with board.meter(image_id, SIZE) as meter:
+        meter.moved(MiB)
+        for _ in range(100):  # the meter's own task writes the record
+            record = read_record(tmp_path, image_id)
+            if record is not None and record.done == MiB:
+                break
+            await asyncio.sleep(0.02)
+        assert record is not None and record.done == MiB
+    assert victim.read_text() == "precious"
+    assert list(records.iterdir()) == []
