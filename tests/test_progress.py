@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,16 +151,21 @@ def test_ls_tells_a_dead_writer_and_prune_clears_what_it_left(held: Held) -> Non
 
 
 def test_progress_json_reports_bytes_then_the_result(held: Held) -> None:
-    wait_for_record(held.vg, held.image_id)
-    time.sleep(0.6)  # at least one tick of the display with the bytes on record
-    stdout, stderr = held.release()
-    events = [json.loads(line) for line in stderr.splitlines()]
+    assert held.proc.stderr is not None and held.proc.stdout is not None
+    events: list[dict[str, Any]] = []
+    while not events or (events[-1]["event"] == "progress" and events[-1]["done"] == 0):
+        events.append(json.loads(held.proc.stderr.readline()))  # (the first: from byte 0)
+    at = events[-1]  # told while the download is held mid-way
+    assert at["event"] == "progress" and at["total"] == SIZE and 0 < at["done"] < SIZE
+    assert at["writer_pid"] == held.proc.pid and at["writer_alive"] is True
+    held.proxy.release_stalls()
+    events += [json.loads(line) for line in held.proc.stderr.read().splitlines()]
+    stdout = held.proc.stdout.read()
+    assert held.proc.wait(timeout=60) == 0
     moving = [e for e in events if e["event"] == "progress"]
-    assert moving and all(e["image_id"] == held.image_id for e in moving)
-    assert moving[0]["total"] == SIZE and moving[0]["done"] > 0
-    assert moving[0]["writer_pid"] == held.proc.pid and moving[0]["writer_alive"] is True
+    assert all(e["image_id"] == held.image_id for e in moving)
     keys = {"event", "image_id", "done", "total", "rate", "eta", "writer_pid", "writer_alive"}
-    assert set(moving[0]) == keys
+    assert all(set(e) == keys for e in moving)
     assert events[-1] == {"event": "done", "image_id": held.image_id, "result": "miss"}
     assert json.loads(stdout)["result"] == "miss"  # stdout keeps only the result
 
