@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import aio
+from . import aio, auth, display
 from .errors import CacheError, InvalidInput, shown
 from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
 from .models import CacheEntry
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("OS_AUTH_TOKEN"),
         help="sent as X-Auth-Token, never printed [OS_AUTH_TOKEN]",
     )
+    auth.add_arguments(p)
     p.add_argument(
         "--vg",
         default=os.environ.get("PVMCACHE_VG") or default_vg_spec(),
@@ -173,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an instance uuid; repeat for several",
     )
     d.add_argument("--json", action="store_true")
+    display.add_argument(d)
 
     f = sub.add_parser("prefetch", help="cache images without deploying")
     f.add_argument("image_ids", nargs="+", type=_id_arg, metavar="IMAGE_ID")
     f.add_argument("--json", action="store_true")
+    display.add_argument(f)
 
     ls = sub.add_parser("ls", help="list the cached images")
     ls.add_argument("--json", action="store_true")
@@ -266,13 +269,23 @@ def _size(text: str) -> int:
 
 
 def _open_cache(args: argparse.Namespace) -> ImageCache:
-    glance = None
-    if args.glance_url:  # without one, hits still work; a miss says what is missing
-        glance = GlanceClient(
-            args.glance_url,
+    glance = access = None
+    if args.command in ("deploy", "prefetch"):  # ls and prune never ask keystone or Glance
+        access = auth.glance_access(
+            cloud=args.os_cloud,
+            region_name=args.os_region_name,
+            interface=args.os_interface,
+            glance_url=args.glance_url,
             token=args.token,
             ca_file=args.ca_file,
-            verify_tls=not args.insecure,
+            insecure=args.insecure,
+        )
+    if access is not None:  # without one, hits still work; a miss says what is missing
+        glance = GlanceClient(
+            access.url,
+            token=access.token,
+            ca_file=access.ca_file,
+            verify_tls=access.verify_tls,
             read_timeout=args.read_timeout,
             retry=RetryPolicy(retries=args.retries),
         )
@@ -464,11 +477,12 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
     if args.command == "deploy":
         _distinct_instances(args.instance)
     cache = _open_cache(args)
+    bars = display.choose(cache.progress, getattr(args, "progress", "none"), args.json, sys.stderr)
     try:
         if args.command == "deploy":
             return await _each(
                 session,
-                [cache.deploy(args.image_id, i) for i in args.instance],
+                [bars.track(args.image_id, cache.deploy(args.image_id, i)) for i in args.instance],
                 lambda r: (
                     f"instance {r.instance}: disk {r.disk} cloned from {r.cache_disk} "
                     f"({r.result}, {r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
@@ -478,7 +492,7 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
         if args.command == "prefetch":
             return await _each(
                 session,
-                [cache.ensure(i) for i in args.image_ids],
+                [bars.track(i, cache.ensure(i)) for i in args.image_ids],
                 lambda r: (
                     f"image {r.image_id}: {r.cache_disk} ({r.result}, "
                     f"{r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
@@ -489,8 +503,11 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
             entries = await _operation(session, cache.entries())
             if entries is None:
                 return 0  # interrupted: main reports the signal
+            filling = display.filling(cache.progress, entries)  # their downloads, if recorded
             if args.json:
-                session.out(json.dumps([_entry_json(e) for e in entries]))
+                session.out(
+                    json.dumps([_entry_json(e) | filling.get(e.image_id, {}) for e in entries])
+                )
             else:
                 session.out(
                     f"{'IMAGE ID':36}  {'CACHE DISK':15}  {'SIZE':>14}  {'STATE':7}  LAST USED"
@@ -499,6 +516,7 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
                     session.out(
                         f"{e.image_id:36}  {e.cache_disk:15}  {e.size:>14}  "
                         f"{e.state.value:7}  {_iso(e.last_used)}"
+                        + display.filling_text(filling.get(e.image_id))
                     )
             return 0
         if args.command == "prune":
@@ -520,6 +538,7 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
         raise InvalidInput(f"unknown command {args.command!r}")
     finally:
         await session.settle()  # every operation has ended, clean-up included, before
+        await bars.close()
         await cache.close()  # the cache cancels its downloads and closes
 
 

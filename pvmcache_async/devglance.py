@@ -25,10 +25,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from .devkeystone import Credentials
 
 __all__ = [
     "ADMIN_HEADERS",
@@ -68,7 +72,7 @@ class DevGlanceError(Exception):
     """The dev Glance could not be installed, started or asked something."""
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -76,14 +80,21 @@ def _tail(path: Path, lines: int = 15) -> str:
     return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
 
 
-def ensure_venv(venv: Path = DEFAULT_VENV, *, quiet: bool = True) -> Path:
-    """Make sure ``venv`` has glance and gunicorn; install them if not. Returns ``venv``."""
+def ensure_venv(
+    venv: Path = DEFAULT_VENV,
+    *,
+    quiet: bool = True,
+    packages: tuple[str, ...] = ("glance", "gunicorn"),
+    programs: tuple[str, ...] = ("gunicorn", "glance-manage"),
+) -> Path:
+    """Make sure ``venv`` has ``programs``; install ``packages`` from PyPI if not (by default
+    glance and gunicorn; ``devkeystone`` asks for keystone). Returns ``venv``."""
     venv = Path(venv)
     bin_dir = venv / "bin"
-    if (bin_dir / "gunicorn").exists() and (bin_dir / "glance-manage").exists():
-        return venv  # fast path: no subprocess, no import of glance
+    if all((bin_dir / program).exists() for program in programs):
+        return venv  # fast path: no subprocess, no import of the server
     steps = [] if (bin_dir / "python").exists() else [[sys.executable, "-m", "venv", str(venv)]]
-    steps.append([str(bin_dir / "python"), "-m", "pip", "install", "glance", "gunicorn"])
+    steps.append([str(bin_dir / "python"), "-m", "pip", "install", *packages])
     log = venv.parent / f"{venv.name}-install.log"  # pip's chatter, kept for the error tail
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
@@ -93,23 +104,37 @@ def ensure_venv(venv: Path = DEFAULT_VENV, *, quiet: bool = True) -> Path:
             else:
                 rc = subprocess.call(cmd)
             if rc != 0:
-                raise DevGlanceError(f"{' '.join(cmd[-3:])} failed (rc={rc}): {_tail(log, 5)}")
+                raise DevGlanceError(f"{' '.join(cmd[-3:])} failed (rc={rc}): {log_tail(log, 5)}")
     return venv
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _conf(workdir: Path, trusted_headers: bool) -> str:
+def _conf(workdir: Path, trusted_headers: bool, keystone: Credentials | None) -> str:
     # The minimal set that starts and serves: sqlite, one fs backend plus the two reserved
     # stores (their default dirs under /var/lib/glance do not exist), legacy policy defaults
     # because there are no Keystone scopes, logs in the work dir. Format matching is off so
     # tests can label arbitrary bytes qcow2 etc. (malformed qcow2/vmdk/gpt headers are still
     # refused: Glance's safety checks are fatal whatever this says).
     flavor = "[paste_deploy]\nflavor = trusted\n" if trusted_headers else ""
+    if keystone is not None:  # keystonemiddleware validates every token with this service user
+        flavor = f"""[paste_deploy]
+flavor = keystone
+
+[keystone_authtoken]
+www_authenticate_uri = {keystone.auth_url}
+auth_url = {keystone.auth_url}
+auth_type = password
+username = {keystone.username}
+password = {keystone.password}
+project_name = {keystone.project}
+user_domain_id = default
+project_domain_id = default
+"""
     return f"""[DEFAULT]
 enabled_backends = fs:file
 log_file = {workdir / "glance.log"}
@@ -156,14 +181,82 @@ def _paste(stock: str) -> str:
     ).replace(_KEYSTONE_PIPELINE, f"{_KEYSTONE_PIPELINE}\n{_TRUSTED_PIPELINE}")
 
 
+class GunicornServer:
+    """A server run as a gunicorn process group in ``workdir``: launched, awaited, stopped.
+
+    Its own session and process group, so that ``stop`` signals master and workers together.
+    """
+
+    workdir: Path
+    _proc: subprocess.Popen[bytes] | None
+
+    def _spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        timeout: float,
+        answers: Callable[[], bool],
+        tail: Callable[[], str],
+    ) -> None:
+        """Start ``cmd``; return once ``answers()`` (OSError: not listening yet)."""
+        with (self.workdir / "gunicorn.out").open("ab") as out:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, cwd=self.workdir, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                rc = self._proc.returncode
+                self._proc = None
+                raise DevGlanceError(f"{name} exited (rc={rc}) at start: {tail()}")
+            try:
+                if answers():
+                    return
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                self.stop()
+                raise DevGlanceError(f"{name} not up after {timeout:.0f}s: {tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop master and workers (TERM, then KILL); safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        atexit.unregister(self.stop)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # also any worker the master left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 @dataclass
-class GlanceServer:
+class GlanceServer(GunicornServer):
     """A running Glance API (gunicorn process group) serving ``url`` from ``workdir``."""
 
     url: str
     workdir: Path
     trusted_headers: bool = False
+    keystone: Credentials | None = None  # the keystone flavor: Glance's own service user
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _token: tuple[str, float] = field(default=("", 0.0), repr=False)
 
     @property
     def access_log(self) -> Path:
@@ -184,8 +277,14 @@ class GlanceServer:
         threads: int = 4,
         timeout: float = 60.0,
         trusted_headers: bool = False,
+        keystone: Credentials | None = None,
     ) -> GlanceServer:
-        """Configure, migrate and launch Glance in ``workdir``; return once it answers."""
+        """Configure, migrate and launch Glance in ``workdir``; return once it answers.
+
+        With ``keystone`` (a user with the admin role, e.g. from ``KeystoneServer.add_user``)
+        Glance runs its stock keystone pipeline: keystonemiddleware validates every token, and
+        this object's own calls authenticate as that user.
+        """
         workdir = Path(workdir).resolve()
         venv = Path(venv)
         for sub in ("images", "staging", "tasks"):
@@ -194,7 +293,7 @@ class GlanceServer:
         if not stock.exists():
             raise DevGlanceError(f"no {stock}: run ensure_venv({str(venv)!r}) first")
         (workdir / "glance-api-paste.ini").write_text(_paste(stock.read_text()))
-        (workdir / "glance-api.conf").write_text(_conf(workdir, trusted_headers))
+        (workdir / "glance-api.conf").write_text(_conf(workdir, trusted_headers, keystone))
         env = {**os.environ, "OS_GLANCE_CONFIG_DIR": str(workdir), "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)  # the glance venv must not see this project's paths
 
@@ -204,19 +303,19 @@ class GlanceServer:
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
             )  # fmt: skip
         if rc != 0:
-            tail = _tail(workdir / "manage.log")
+            tail = log_tail(workdir / "manage.log")
             raise DevGlanceError(f"glance-manage db_sync failed (rc={rc}): {tail}")
 
         # A port picked here could be taken before gunicorn binds it; retry with another.
         for attempt in range(3):
-            chosen = port if port is not None else _free_port()
-            server = cls(f"http://127.0.0.1:{chosen}", workdir, trusted_headers)
+            chosen = port if port is not None else free_port()
+            server = cls(f"http://127.0.0.1:{chosen}", workdir, trusted_headers, keystone)
             try:
                 server._launch(venv, chosen, workers, threads, timeout, env)
                 atexit.register(server.stop)  # no orphaned gunicorn if the caller forgets
                 return server
             except DevGlanceError:
-                in_use = "in use" in _tail(workdir / "gunicorn.log", 40)
+                in_use = "in use" in log_tail(workdir / "gunicorn.log", 40)
                 if port is not None or not in_use or attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -240,56 +339,18 @@ class GlanceServer:
             "--chdir", str(self.workdir),
         ]  # fmt: skip
         self.access_log.write_bytes(b"")  # counts start at zero for each server
-        with (self.workdir / "gunicorn.out").open("ab") as out:
-            # Own session/process group: stop() can signal master and workers together.
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=self.workdir, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                rc = self._proc.returncode
-                self._proc = None
-                raise DevGlanceError(f"glance exited (rc={rc}) at start: {self._start_tail()}")
-            try:
-                if self._call("GET", "/versions", timeout=2.0)[0] == 200:
-                    return
-            except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                self.stop()
-                raise DevGlanceError(f"glance not up after {timeout:.0f}s: {self._start_tail()}")
-            time.sleep(0.1)
+        self._spawn(
+            "glance",
+            cmd,
+            env,
+            timeout,
+            lambda: self._call("GET", "/versions", timeout=2.0)[0] == 200,
+            self._start_tail,
+        )
 
     def _start_tail(self) -> str:
-        parts = [_tail(self.workdir / "gunicorn.log", 8), _tail(self.glance_log, 8)]
+        parts = [log_tail(self.workdir / "gunicorn.log", 8), log_tail(self.glance_log, 8)]
         return " || ".join(p for p in parts if p)
-
-    def stop(self) -> None:
-        """Stop master and workers (TERM, then KILL); safe to call twice."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        atexit.unregister(self.stop)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # also any worker the master left behind
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def __enter__(self) -> GlanceServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- HTTP helpers (http.client: no proxy settings apply, and a file body streams) ---
 
@@ -305,11 +366,22 @@ class GlanceServer:
         conn = http.client.HTTPConnection(host, int(port), timeout=timeout, blocksize=_UPLOAD_BLOCK)
         try:
             hdrs = {**(ADMIN_HEADERS if self.trusted_headers else {}), **(headers or {})}
+            if self.keystone is not None and path != "/versions":
+                hdrs["X-Auth-Token"] = self._keystone_token()
             conn.request(method, path, body=body, headers=hdrs)
             resp = conn.getresponse()
             return resp.status, resp.read()
         finally:
             conn.close()
+
+    def _keystone_token(self) -> str:
+        from .devkeystone import issue_token  # devkeystone imports this module
+
+        assert self.keystone is not None
+        token, expires = self._token
+        if expires - time.time() < 2.0:  # tests may run Keystone with tokens of seconds
+            self._token = token, _ = issue_token(self.keystone)
+        return token
 
     def _expect(self, what: str, got: tuple[int, bytes], *ok: int) -> bytes:
         status, body = got
@@ -338,7 +410,7 @@ class GlanceServer:
         }
         if image_id is not None:
             meta["id"] = image_id
-        if self.trusted_headers:
+        if self.trusted_headers or self.keystone is not None:
             meta["visibility"] = "public"  # readable by MEMBER_HEADERS' other project
         got = self._call(
             "POST", "/v2/images", json.dumps(meta).encode(), {"Content-Type": "application/json"}

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .devglance import GlanceServer, _free_port, _tail, ensure_venv
+from .devglance import GlanceServer, ensure_venv, free_port, log_tail
 
 __all__ = [
     "DEFAULT_DRIVER",
@@ -112,7 +112,7 @@ def _run(cmd: list[str], log: Path, what: str, **kw: Any) -> None:
     with log.open("ab") as out:
         rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, **kw)
     if rc != 0:
-        raise DevNovaError(f"{what} failed (rc={rc}): {_tail(log, 6)}")
+        raise DevNovaError(f"{what} failed (rc={rc}): {log_tail(log, 6)}")
 
 
 def install_packages(log: Path) -> None:
@@ -306,7 +306,7 @@ class NovaCloud:
                 glance_url=glance_url or "",
                 own_glance=glance_url is None,
                 ports={
-                    name: _free_port()
+                    name: free_port()
                     for name in ("rabbit", "epmd", "dist", "mysql", "placement", "api")
                 },
                 password=secrets.token_hex(16),
@@ -381,9 +381,9 @@ class NovaCloud:
         pid = self._state().pids[name]
         while not ready():
             if not _alive(pid):
-                raise DevNovaError(f"{what} exited at start: {_tail(self.logs / f'{name}.out')}")
+                raise DevNovaError(f"{what} exited at start: {log_tail(self.logs / f'{name}.out')}")
             if time.monotonic() > deadline:
-                raise DevNovaError(f"{what} not up in time: {_tail(self.logs / f'{name}.out')}")
+                raise DevNovaError(f"{what} not up in time: {log_tail(self.logs / f'{name}.out')}")
             time.sleep(0.2)
 
     def _up_rabbit(self) -> None:
@@ -502,7 +502,7 @@ class NovaCloud:
             rc = placement.wait()
         if rc != 0:
             log = self.logs / "placement-db-sync.log"
-            raise DevNovaError(f"placement-manage db sync failed (rc={rc}): {_tail(log, 6)}")
+            raise DevNovaError(f"placement-manage db sync failed (rc={rc}): {log_tail(log, 6)}")
         done.write_text("")
 
     def _up_wsgi(self, name: str) -> None:
@@ -571,7 +571,7 @@ class NovaCloud:
             for host in hosts:
                 if not self._running(f"compute-{host}"):
                     log = self.logs / f"compute-{host}.log"
-                    raise DevNovaError(f"nova-compute on {host} exited: {_tail(log)}")
+                    raise DevNovaError(f"nova-compute on {host} exited: {log_tail(log)}")
             up = {s["host"] for s in self.api.compute_services() if s["state"] == "up"} & hosts
             if up == hosts:
                 got = self.api.expect("GET", "/os-hypervisors")["hypervisors"]
@@ -696,7 +696,7 @@ volume_group = file:{self.vg_path(host)}
                 return
             if not self._running(f"compute-{host}"):
                 log = self.logs / f"compute-{host}.log"
-                raise DevNovaError(f"nova-compute on {host} exited: {_tail(log)}")
+                raise DevNovaError(f"nova-compute on {host} exited: {log_tail(log)}")
             if time.monotonic() > deadline:
                 raise DevNovaError(f"nova-compute on {host} not up again in time")
             time.sleep(0.5)

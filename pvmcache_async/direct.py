@@ -5,9 +5,9 @@ deploys of the image run at once. It is the storm's ``no-cache`` baseline and th
 nova's fake driver on a host with ``[pvmcache] enabled = False``.
 
 The data is written under a partial disk of its own (a fresh ``p_`` name owned by this writer,
-as every partial is; see ``storage.base``) and published as the instance's disk only once the Glance client has verified its length and
-digest; on any failure or cancellation the partial is discarded, so nothing unverified is ever
-visible under the instance's disk name.
+as every partial is; see ``storage.base``) and published as the instance's disk only once the
+Glance client has verified its length and digest; on any failure or cancellation the partial
+is discarded, so nothing unverified is ever visible under the instance's disk name.
 """
 
 from __future__ import annotations

@@ -68,3 +68,7 @@ class InsufficientSpace(StorageError):
 
 class DiskExists(StorageError):
     """A disk with the target name already exists; it is never overwritten."""
+
+
+class AuthError(CacheError):
+    """Keystone refused or could not be asked: wrong credentials, unreachable, no token."""

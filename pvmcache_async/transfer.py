@@ -70,6 +70,7 @@ from .names import (
     validate_image_id,
     validate_instance_uuid,
 )
+from .progress import ProgressBoard, discard_record
 from .storage import DiskIdentity, PartialDisk, VolumeGroup
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class ImageCache:
         self._lock_dir = private_dir(vg.state_dir / "locks")
         self._index = Index(vg.state_dir / "index.sqlite")
         self._begun: asyncio.Task[None] | None = None
+        self.progress = ProgressBoard(vg.state_dir)  # downloads under way, for those watching
         self._flights: SingleFlight[str, _Fill] = SingleFlight()
         self._downloads = asyncio.Semaphore(self.settings.max_downloads)
         self._claims: list[_Claim] = []  # room promised to the downloads under way
@@ -732,6 +734,7 @@ class ImageCache:
         VG's dead temporaries). An entry that names a disk not the cache's own is dropped,
         and that disk left alone.
         """
+        await asyncio.to_thread(discard_record, self.vg.state_dir, image_id)
         entry = await self._db(self._index.get, image_id)
         if entry is None:
             return None
@@ -816,7 +819,8 @@ class ImageCache:
                         copy = None
                     tee = None if copy is None else _Tee(partial, copy, rider)
                 sink = _Counted(partial if tee is None else tee, claim)
-                fetched = await glance.download(info, sink)
+                async with self.progress.meter(info.id, info.size) as meter:
+                    fetched = await glance.download(info, meter.sink(sink))
                 await self._publish_cache_disk(partial, entry.cache_disk, identity)
             except BaseException:
                 await _finish(partial.discard())
