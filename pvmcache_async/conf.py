@@ -29,7 +29,9 @@ OPTS = [
         "enabled",
         default=True,
         help="Cache images in the volume group. When False (or when the disk driver is not "
-        "'localdisk'), the driver reports has_imagecache=False and the cache does nothing.",
+        "'localdisk'), the driver reports has_imagecache=False, the cache does nothing and "
+        "the driver makes each instance's disk its own way (FakeImageCacheDriver streams it "
+        "from Glance, one download per instance).",
     ),
     cfg.StrOpt(
         "disk_driver",

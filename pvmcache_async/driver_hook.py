@@ -6,10 +6,14 @@ nova which images its instances use (``_list_running_instances``, from nova's da
 compute manager passes soft-deleted instances too, so they count as users) and lets the cache
 remove what is unused, old enough and its own, and then enforce the optional budget.
 
-``DriverHook`` is what a PowerVM compute driver delegates to: ``manage_image_cache``,
-``cache_image``, ``capabilities`` and ``create_disk_from_image``. Its methods are synchronous,
+``DriverHook`` is what a compute driver delegates to: ``manage_image_cache``,
+``cache_image``, ``capabilities``, ``create_disk_from_image`` and ``delete_instance_disk``
+(and, for a host without the cache, ``stream_disk_from_glance``). Its methods are synchronous,
 for nova's native threads, and run on one asyncio loop in a dedicated thread (``LoopThread``),
 so that every thread shares one cache: one download per image however many threads ask.
+
+``ImageCacheDriverMixin`` gives a driver all of that from one line: listed before the driver's
+base class, it owns the hook and provides nova's image cache methods.
 
 This module translates; the decisions are the cache's (``transfer.ImageCache``).
 """
@@ -272,11 +276,10 @@ class DriverHook:
             cache, glance, vg = self._cache, self._glance, self._vg
             self._cache = self._glance = self._vg = None
             if cache is not None:
-                await cache.close()  # its Glance client and VG too
-                return
-            if glance is not None:
+                await cache.close()  # its Glance client (if it has one) and the VG too
+            if glance is not None and (cache is None or cache.glance is not glance):
                 await glance.close()
-            if vg is not None:
+            if vg is not None and cache is None:
                 await vg.close()
 
         self._loop.stop(close_all)
