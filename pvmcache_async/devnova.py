@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .devglance import GlanceServer, ensure_venv, free_port, log_tail
 
@@ -163,7 +164,10 @@ class NovaAPI:
             conn.request(method, f"/{rest}{path}", body=data, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
-            return resp.status, json.loads(raw) if raw.strip() else None
+            try:
+                return resp.status, json.loads(raw) if raw.strip() else None
+            except ValueError:  # an error page from a proxy or gunicorn, not nova's JSON
+                return resp.status, raw.decode(errors="replace")
         finally:
             conn.close()
 
@@ -193,7 +197,9 @@ class NovaAPI:
 
         Only the list without details: nova's details ask Neutron for security groups.
         """
-        query = f"/servers?name=^{name_prefix}&limit=1000" + (f"&status={status}" if status else "")
+        query = f"/servers?name={quote('^' + name_prefix)}&limit=1000"
+        if status:
+            query += f"&status={quote(status)}"
         return {s["id"] for s in self.expect("GET", query)["servers"]}
 
     def hosts_of_servers(self) -> dict[str, str]:
