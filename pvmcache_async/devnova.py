@@ -96,7 +96,8 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _alive(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs: a zombie has exited (its parent has yet to reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -354,7 +355,7 @@ class NovaCloud:
         if not st.own_glance:
             return
         pid = st.pids.get("glance")
-        if pid and _alive(pid) and st.glance_url and _listening(int(st.glance_url.split(":")[-1])):
+        if pid and running(pid) and st.glance_url and _listening(int(st.glance_url.split(":")[-1])):
             return
         ensure_venv()
         self._glance = GlanceServer.start(self.root / "glance", workers=2, threads=8)
@@ -381,12 +382,12 @@ class NovaCloud:
 
     def _running(self, name: str) -> bool:
         pid = self._state().pids.get(name)
-        return bool(pid) and _alive(pid)  # type: ignore[arg-type]
+        return bool(pid) and running(pid)  # type: ignore[arg-type]
 
     def _wait(self, name: str, ready: Any, deadline: float, what: str) -> None:
         pid = self._state().pids[name]
         while not ready():
-            if not _alive(pid):
+            if not running(pid):
                 raise DevNovaError(f"{what} exited at start: {log_tail(self.logs / f'{name}.out')}")
             if time.monotonic() > deadline:
                 raise DevNovaError(f"{what} not up in time: {log_tail(self.logs / f'{name}.out')}")
@@ -726,14 +727,14 @@ volume_group = file:{self.vg_path(host)}
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)  # its own session: a gunicorn's workers, rabbit's beam
         deadline = time.monotonic() + timeout
-        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        while any(running(p) for p in pids.values()) and time.monotonic() < deadline:
             for pid in pids.values():
                 self._reap(pid)
             time.sleep(0.1)
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            while _alive(pid):
+            while running(pid):
                 self._reap(pid)
                 time.sleep(0.05)
             self._reap(pid)
@@ -776,7 +777,7 @@ volume_group = file:{self.vg_path(host)}
     def processes(self) -> Iterator[tuple[str, int, bool]]:
         """(name, pid, alive) of each process the cloud recorded."""
         for name, pid in self._state().pids.items():
-            yield name, pid, _alive(pid)
+            yield name, pid, running(pid)
 
 
 def _iso_ts(value: str) -> float:

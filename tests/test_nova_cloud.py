@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async.devglance import GlanceServer
-from pvmcache_async.devnova import NovaCloud
+from pvmcache_async.devnova import NovaCloud, running
 from pvmcache_async.names import instance_disk_name
 from pvmcache_async.storm.images import sha256_file, upload_images
 from pvmcache_async.storm.nova import boot_storm, leftovers
@@ -51,7 +51,7 @@ def cloud(glance_server: GlanceServer) -> Iterator[NovaCloud]:
         nova.down()
         shutil.rmtree(top, ignore_errors=True)
     # down leaves nothing running: no process it started, nothing on its ports (epmd's too)
-    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+    assert [pid for pid in pids if running(pid)] == []
     assert [port for port in ports if _listening(port)] == []
     assert not (top / "cloud").exists()
 
