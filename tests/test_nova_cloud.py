@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async.devglance import GlanceServer
-from pvmcache_async.devnova import NovaCloud, running
+from pvmcache_async.devnova import NovaCloud
 from pvmcache_async.names import instance_disk_name
 from pvmcache_async.storm.images import sha256_file, upload_images
 from pvmcache_async.storm.nova import boot_storm, leftovers
@@ -51,9 +51,23 @@ def cloud(glance_server: GlanceServer) -> Iterator[NovaCloud]:
         nova.down()
         shutil.rmtree(top, ignore_errors=True)
     # down leaves nothing running: no process it started, nothing on its ports (epmd's too)
-    assert [pid for pid in pids if running(pid)] == []
+    assert _still_running(set(pids)) == []
     assert [port for port in ports if _listening(port)] == []
     assert not (top / "cloud").exists()
+
+
+def _still_running(groups: set[int]) -> list[int]:
+    """Processes (zombies aside: they have exited) in the process groups the cloud started:
+    each service's own, with its workers and children (gunicorn's, rabbitmq's beam)."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[2]) in groups:
+            left.append(int(stat.parent.name))
+    return left
 
 
 def _listening(port: int) -> bool:
