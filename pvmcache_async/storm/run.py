@@ -18,12 +18,13 @@ from typing import Any
 
 from ..devglance import GlanceServer
 from ..errors import CacheError
+from ..names import CACHE_PREFIX
 from ..storage.filevg import reflink
 from . import refs
 from .images import upload_images
+from .modes import MODES
 from .worker import Job, Options
 
-MODES = ("cache", "no-cache", "per-image-lock")
 REPEATS = 5  # single deploys and references: the median of this many
 
 # (name, what changes, job kind) for the before/after of each speed choice
@@ -231,7 +232,9 @@ def _singles(
             runs[i].append(_run_job(job(mode, vg, warm=warm, options=Options(**change), **one)))
             if (i, rep) != (0, 0):  # keep only the first: the references copy its cache disk
                 shutil.rmtree(root / vg, ignore_errors=True)
-        cached = sorted(vg0.glob("i_*"))  # the references in the same rounds, once each
+        cached = sorted(
+            vg0.glob(f"{CACHE_PREFIX}*")
+        )  # the references in the same rounds, once each
         measured += refs.measure(file_url, plan.image_size, cached[0] if cached else None, root)
 
     def med(i: int, key: str) -> float:

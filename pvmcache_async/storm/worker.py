@@ -34,7 +34,7 @@ from .. import glance as glance_module
 from ..direct import stream_disk
 from ..glance import GlanceClient, Sink
 from ..models import ImageInfo
-from ..names import instance_disk_name
+from ..names import cache_disk_names, instance_disk_name, partial_disk_name
 from ..storage.filevg import CloneMethod, FileVG
 from ..transfer import CacheSettings, ImageCache
 from .images import sha256_file
@@ -208,11 +208,11 @@ def _lock_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
 
     def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
         start = time.monotonic()
-        cached = root / f"i_{image_id[:13].replace('-', '_')}"
+        cached = root / next(cache_disk_names(image_id))
         result = "hit"
         with locks[image_id]:  # check-or-download, one thread at a time per image
             if not cached.exists():
-                part = root / f"p_{image_id[:13].replace('-', '_')}"
+                part = root / partial_disk_name()
                 _http_download(job.glance_url, image_id, part, tracer)
                 part.rename(cached)
                 result = "miss"
