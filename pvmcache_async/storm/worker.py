@@ -34,7 +34,7 @@ from ..direct import stream_disk
 from ..glance import DownloadTuning, GlanceClient, Sink
 from ..models import ImageInfo
 from ..names import cache_disk_names, instance_disk_name, partial_disk_name
-from ..storage.filevg import CloneMethod, FileVG
+from ..storage.filevg import CloneMethod, FileVG, FileVGSettings
 from ..transfer import CacheSettings, ImageCache
 from .images import sha256_file
 
@@ -53,8 +53,8 @@ class Options:
     hash_in_thread: bool = True  # glance.DownloadTuning.hash_in_thread
     max_clones: int | None = None  # CacheSettings.max_clones (None: the product's default)
     tee: bool = True  # CacheSettings.tee: a cold deploy's disk written during the download
-    writeback: bool = True  # FileVG.writeback: each chunk's writeback started as it lands
-    reserve: bool = True  # FileVG.reserve: a partial disk's room taken up front (fallocate)
+    writeback: bool = True  # FileVGSettings.writeback: each chunk's writeback started as it lands
+    preallocate: bool = True  # FileVGSettings.preallocate: a partial disk's room taken up front
 
 
 @dataclass(slots=True)
@@ -129,9 +129,10 @@ def _settings(job: Job) -> CacheSettings:
 def _vg(job: Job, root: Path | None = None) -> FileVG:
     root = Path(job.vg) if root is None else root
     o = job.options
-    return FileVG(
-        root, sparse=o.sparse, clone_method=o.clone, writeback=o.writeback, reserve=o.reserve
+    settings = FileVGSettings(
+        sparse=o.sparse, clone_method=o.clone, writeback=o.writeback, preallocate=o.preallocate
     )
+    return FileVG(root, settings)
 
 
 def _plan(job: Job) -> list[tuple[str, str]]:
