@@ -145,11 +145,11 @@ async def test_forced_reflink_clones_or_fails_cleanly(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range is Linux's")
-def test_early_writeback_is_bound_to_the_kernel_on_linux(tmp_path: Path) -> None:
+def test_early_writeback_is_bound_to_the_kernel_on_linux() -> None:
+    # Only the binding is checked: a started writeback leaves nothing a test can see in one
+    # file (the kernel's dirty and writeback counters are the whole system's); what it buys
+    # is measured in benchmarks/README.md ("no early writeback").
     assert filevg.HAVE_WRITEBACK  # else every publish would silently flush all its data
-    with open(tmp_path / "f", "wb") as f:
-        f.write(b"x" * MiB)
-        filevg.start_writeback(f.fileno(), 0, MiB)  # no error from the kernel to raise
 
 
 async def test_a_copy_alongside_a_download_is_offered_exactly_where_clones_are_not_reflinks(

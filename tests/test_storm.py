@@ -53,7 +53,7 @@ def test_every_mode_reports_every_field(storm: tuple[dict[str, Any], Path]) -> N
         assert m["unique_image_bytes"] == IMAGES * SIZE
         assert m["verified_disks"] == DEPLOYS
         assert 0 < m["p50"] <= m["p95"] <= m["p99"] <= m["makespan"]
-        assert 10 < m["peak_rss_mib"] < 4096
+        assert 0 < m["rss_at_start_mib"] <= m["peak_rss_mib"]  # two readings of its own child
         assert m["cpu_seconds"] > 0
         assert sum(m["outcomes"].values()) == DEPLOYS
         assert len(m["timeline"]["disks"]) == DEPLOYS
