@@ -11,7 +11,7 @@ import pytest
 
 from pvmcache_async.errors import StorageError
 from pvmcache_async.storage import filevg
-from pvmcache_async.storage.filevg import HOLE_BLOCK, FileVG, FileVGSettings
+from pvmcache_async.storage.filevg import HOLE_BLOCK, CloneMethod, FileVG, FileVGSettings
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -106,12 +106,12 @@ async def test_rewind_then_rewrite_leaves_only_the_new_bytes(tmp_path: Path) -> 
 @pytest.mark.parametrize("writeback", [True, False])
 @pytest.mark.parametrize("method", ["auto", "sparse", "copy"])
 async def test_clone_is_byte_identical_to_its_source(
-    tmp_path: Path, method: str, writeback: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, method: CloneMethod, writeback: bool
 ) -> None:
     # pieces smaller than the data extents, so a clone's writeback goes piece by piece
-    monkeypatch.setattr(filevg, "WRITEBACK_PIECE", 40 * KiB)
+    settings = FileVGSettings(clone_method=method, writeback=writeback, writeback_piece=40 * KiB)
     data = _image(4)
-    vg = FileVG(tmp_path, FileVGSettings(clone_method=method, writeback=writeback))  # type: ignore[arg-type]
+    vg = FileVG(tmp_path, settings)
     await _ingest(vg, "i_src", data, 256 * KiB)
     await vg.clone("i_src", "b_dst")
     assert (tmp_path / "b_dst").read_bytes() == data

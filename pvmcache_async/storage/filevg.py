@@ -113,6 +113,7 @@ class FileVGSettings:
     sparse: bool = True  # zero blocks of a download become holes
     clone_method: CloneMethod = "auto"  # FICLONE where it works, else a hole-aware copy
     writeback: bool = True  # start writing each chunk to the device as it lands
+    writeback_piece: int = WRITEBACK_PIECE  # with writeback, a clone's pieces are this size
     preallocate: bool = True  # a partial disk takes its whole room when it is made
     mode: int = DISK_MODE  # of every disk made here
 
@@ -617,7 +618,7 @@ class FileVG(VolumeGroup):
             if method == "reflink":
                 raise StorageError(f"the filesystem of {self.root} cannot reflink (FICLONE)")
         size = os.fstat(sfd).st_size
-        piece = WRITEBACK_PIECE if self.settings.writeback else _COPY_CHUNK
+        piece = self.settings.writeback_piece if self.settings.writeback else _COPY_CHUNK
         if method == "copy":  # a plain full copy: every byte, holes included
             _copy_range(sfd, dfd, 0, size, piece)
         else:
