@@ -33,6 +33,8 @@ from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
 from .models import CacheEntry
 from .names import instance_disk_name, validate_instance_uuid
 from .storage import default_vg_spec, open_vg
+from .storm.modes import MODES as STORM_MODES
+from .storm.modes import NOVA_MODES as NOVA_STORM_MODES
 from .transfer import CacheSettings, ImageCache
 
 PROG = "pvmcache-async"
@@ -41,8 +43,6 @@ _DEFAULTS = CacheSettings()
 _RETRY = RetryPolicy()
 N = TypeVar("N", int, float)
 T = TypeVar("T")
-_STORM_MODES = ("cache", "no-cache", "per-image-lock")
-_NOVA_STORM_MODES = ("cache", "no-cache", "nova")  # storm.nova.NOVA_MODES, without importing it
 _EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 _MAX_ID_ARG = 100  # a uuid has 36 characters; anything far longer is refused unread
 
@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument(
         "--modes",
-        help=f"comma-separated modes to run (default {','.join(_STORM_MODES)}; "
-        f"through nova: {','.join(_NOVA_STORM_MODES)})",
+        help=f"comma-separated modes to run (default {','.join(STORM_MODES)}; "
+        f"through nova: {','.join(NOVA_STORM_MODES)})",
     )
     st.add_argument(
         "--through",
@@ -420,7 +420,7 @@ async def _storm(args: argparse.Namespace, session: _Session) -> int:
 
     if args.images < 1 or args.deploys < 1:
         raise InvalidInput("storm needs at least one image and one deploy")
-    known = _NOVA_STORM_MODES if args.through == "nova" else _STORM_MODES
+    known = NOVA_STORM_MODES if args.through == "nova" else STORM_MODES
     modes = tuple(m.strip() for m in (args.modes or ",".join(known)).split(",") if m.strip())
     unknown = sorted(set(modes) - set(known))
     if unknown or not modes:

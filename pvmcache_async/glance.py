@@ -53,17 +53,10 @@ from .models import ImageInfo
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# 2 MiB: 4 MiB chunks cost 25 MiB more RSS in a storm and bought no speed (benchmarks/README.md)
-DEFAULT_CHUNK_SIZE = 2 << 20
+DEFAULT_CHUNK_SIZE = 2 << 20  # why not larger: benchmarks/README.md (peak RSS)
 DEFAULT_READ_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
 MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt record, not an image
-# Switches of the download loop, kept so the benchmark can measure each choice (results in
-# benchmarks/README.md). Full chunks: wait for chunk_size bytes rather than take what the
-# buffer holds (on loopback mostly 4 MiB anyway; less over slower links), so every thread
-# hand-off moves a whole chunk.
-FULL_CHUNKS = True
-HASH_IN_THREAD = True  # hashlib releases the GIL on large buffers: hash beside the write
 MAX_URL_LENGTH = 2048  # an endpoint, not a payload: longer is a mistake or an attack
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -101,11 +94,26 @@ class RetryPolicy:
         return wait
 
 
+@dataclass(frozen=True, slots=True)
+class DownloadTuning:
+    """How the download loop hands each chunk on; the defaults are the product's.
+
+    The benchmark passes the alternatives to measure each choice (``storm --speed``).
+    """
+
+    # wait for a whole chunk_size before handing it on, rather than take what the socket's
+    # buffer holds: every hand-off to a thread moves a whole chunk
+    full_chunks: bool = True
+    # hash in a worker thread beside the write (hashlib releases the GIL on large buffers),
+    # rather than on the event loop's thread before it
+    hash_in_thread: bool = True
+
+
 class _StartOver(Exception):
     """The server will not resume: ask again from byte 0 (the sink was rewound)."""
 
 
-class _Cut(Exception):
+class CutShort(Exception):
     """The body broke off mid-chunk: ``partial`` arrived before ``cause``."""
 
     def __init__(self, partial: bytes, cause: BaseException) -> None:
@@ -265,6 +273,7 @@ class GlanceClient:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         retry: RetryPolicy | None = None,
+        tuning: DownloadTuning | None = None,
     ) -> None:
         self.url = endpoint_url(url)
         for name, seconds in (("read", read_timeout), ("connect", connect_timeout)):
@@ -282,6 +291,7 @@ class GlanceClient:
         )
         self.chunk_size = chunk_size
         self.retry = retry or RetryPolicy()
+        self.tuning = tuning or DownloadTuning()
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never the token
@@ -427,7 +437,7 @@ class GlanceClient:
         while True:
             try:
                 chunk = await self._next_chunk(resp.content, image.size - progress.written)
-            except _Cut as cut:
+            except CutShort as cut:
                 # keep what arrived before the drop, so that the resume re-reads only what
                 # aiohttp had buffered beyond it (bounded by read_bufsize, see _http)
                 if cut.partial:
@@ -444,7 +454,7 @@ class GlanceClient:
                 f"Glance sent more than the image's size of {progress.image.size} bytes",
                 image_id=progress.image.id,
             )
-        if HASH_IN_THREAD:
+        if self.tuning.hash_in_thread:
             await asyncio.gather(
                 asyncio.to_thread(progress.hasher.update, chunk), sink.write(chunk)
             )
@@ -456,21 +466,22 @@ class GlanceClient:
         progress.fetched += len(chunk)
 
     async def _next_chunk(self, content: aiohttp.StreamReader, left: int) -> bytes:
-        """The next chunk of the body; empty at its end. Raises _Cut when the body breaks."""
+        """The next chunk of the body; empty at its end. Raises CutShort when the body breaks."""
         # a whole chunk per hand-off; asking 1 byte past the end detects an overlong body
-        want = (min(self.chunk_size, left) or 1) if FULL_CHUNKS else self.chunk_size
+        full = self.tuning.full_chunks
+        want = (min(self.chunk_size, left) or 1) if full else self.chunk_size
         parts: list[bytes] = []
         got = 0
         while got < want:
             try:
                 block = await content.read(want - got)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise _Cut(b"".join(parts), exc) from exc
+                raise CutShort(b"".join(parts), exc) from exc
             if not block:
                 break  # the body ended: the length check decides
             parts.append(block)
             got += len(block)
-            if not FULL_CHUNKS:
+            if not full:
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -32,7 +32,7 @@ from pvmcache_async import (
 )
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import PARTIAL_PREFIX, cache_disk_names, instance_disk_name
-from pvmcache_async.storage.filevg import FileVG
+from pvmcache_async.storage.filevg import FileVG, FileVGSettings
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import GatedVG, cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
@@ -263,7 +263,7 @@ async def test_disks_are_readable_by_their_owner_only(
     glance_server: GlanceServer, tmp_path: Path, tee: bool
 ) -> None:
     img = glance_server.create_image(disk_image(MiB, seed=99))
-    vg = FileVG(tmp_path / "vg", clone_method="sparse")
+    vg = FileVG(tmp_path / "vg", FileVGSettings(clone_method="sparse"))
     cache = ImageCache(vg, GlanceClient(glance_server.url), CacheSettings(tee=tee))
     old = os.umask(0)
     try:
@@ -280,7 +280,9 @@ async def test_the_disk_mode_is_the_file_vgs_setting(
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:
     img = glance_server.create_image(disk_image(MiB, seed=100))
-    cache = ImageCache(FileVG(tmp_path / "vg", mode=0o640), GlanceClient(glance_server.url))
+    cache = ImageCache(
+        FileVG(tmp_path / "vg", FileVGSettings(mode=0o640)), GlanceClient(glance_server.url)
+    )
     try:
         deployed = await cache.deploy(img, str(uuid.uuid4()))
     finally:

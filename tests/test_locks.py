@@ -4,7 +4,7 @@ included."""
 from __future__ import annotations
 
 import asyncio
-import os
+import fcntl
 import sys
 from pathlib import Path
 
@@ -176,16 +176,28 @@ async def test_cancelled_acquire_holds_nothing(tmp_path: Path) -> None:
     assert FileLock(path).try_acquire()
 
 
-async def test_a_lock_file_replaced_under_a_waiter_is_not_trusted(tmp_path: Path) -> None:
+def test_a_lock_file_removed_between_open_and_flock_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "img.lock"
-    holder = FileLock(path)
-    assert holder.try_acquire()
-    path.unlink()  # someone removed the lock file while it was held
-    fresh = FileLock(path)
-    assert fresh.try_acquire()  # a new file: the old holder no longer guards this path
-    assert os.stat(path).st_ino == os.fstat(fresh._fd or -1).st_ino
-    fresh.release()
-    holder.release()
+    real_flock = fcntl.flock
+    flocks = 0
+
+    def flock(fd: int, operation: int) -> None:
+        nonlocal flocks
+        if flocks == 0:  # another process removes the lock file after our open, before flock
+            path.unlink()
+        flocks += 1
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    lock = FileLock(path)
+    assert lock.try_acquire()
+    monkeypatch.undo()
+    assert flocks == 2  # the removed file was locked, noticed, and the lock taken again
+    assert not FileLock(path).try_acquire()  # it holds the file now at the path
+    lock.release()
+    assert FileLock(path).try_acquire()
 
 
 class _Source:

@@ -11,7 +11,7 @@ import pytest
 
 from pvmcache_async.errors import StorageError
 from pvmcache_async.storage import filevg
-from pvmcache_async.storage.filevg import HOLE_BLOCK, FileVG
+from pvmcache_async.storage.filevg import HOLE_BLOCK, CloneMethod, FileVG, FileVGSettings
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -60,7 +60,7 @@ async def test_sparse_ingest_gives_the_same_bytes_whatever_the_chunk_sizes(
     tmp_path: Path, chunk: int, writeback: bool
 ) -> None:
     data = _image(1)
-    vg = FileVG(tmp_path, writeback=writeback)
+    vg = FileVG(tmp_path, FileVGSettings(writeback=writeback))
     await _ingest(vg, "i_img", data, chunk)
     assert (tmp_path / "i_img").read_bytes() == data
 
@@ -70,7 +70,7 @@ async def test_sparse_ingest_leaves_zero_runs_as_holes(tmp_path: Path) -> None:
         pytest.skip("this filesystem does not store holes")
     data = _image(2)
     await _ingest(FileVG(tmp_path), "i_sparse", data, 4 * MiB)
-    await _ingest(FileVG(tmp_path, sparse=False), "i_dense", data, 4 * MiB)
+    await _ingest(FileVG(tmp_path, FileVGSettings(sparse=False)), "i_dense", data, 4 * MiB)
     sparse, dense = (os.stat(tmp_path / n).st_blocks * 512 for n in ("i_sparse", "i_dense"))
     assert dense >= len(data)
     assert sparse < len(data) // 2  # about 2.3 of the 6.3 MiB are data
@@ -106,12 +106,12 @@ async def test_rewind_then_rewrite_leaves_only_the_new_bytes(tmp_path: Path) -> 
 @pytest.mark.parametrize("writeback", [True, False])
 @pytest.mark.parametrize("method", ["auto", "sparse", "copy"])
 async def test_clone_is_byte_identical_to_its_source(
-    tmp_path: Path, method: str, writeback: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, method: CloneMethod, writeback: bool
 ) -> None:
     # pieces smaller than the data extents, so a clone's writeback goes piece by piece
-    monkeypatch.setattr(filevg, "WRITEBACK_PIECE", 40 * KiB)
+    settings = FileVGSettings(clone_method=method, writeback=writeback, writeback_piece=40 * KiB)
     data = _image(4)
-    vg = FileVG(tmp_path, clone_method=method, writeback=writeback)  # type: ignore[arg-type]
+    vg = FileVG(tmp_path, settings)
     await _ingest(vg, "i_src", data, 256 * KiB)
     await vg.clone("i_src", "b_dst")
     assert (tmp_path / "b_dst").read_bytes() == data
@@ -122,7 +122,7 @@ async def test_hole_aware_clone_keeps_the_holes(tmp_path: Path) -> None:
     if not _fs_makes_holes(tmp_path):
         pytest.skip("this filesystem does not store holes")
     data = _image(5)
-    vg = FileVG(tmp_path, clone_method="sparse")
+    vg = FileVG(tmp_path, FileVGSettings(clone_method="sparse"))
     await _ingest(vg, "i_src", data, MiB)
     await vg.clone("i_src", "b_dst")
     src, dst = (os.stat(tmp_path / n).st_blocks for n in ("i_src", "b_dst"))
@@ -133,7 +133,7 @@ async def test_hole_aware_clone_keeps_the_holes(tmp_path: Path) -> None:
 async def test_forced_reflink_clones_or_fails_cleanly(tmp_path: Path) -> None:
     """Where the filesystem cannot reflink, a forced reflink is a clear error, no debris."""
     data = _image(6)
-    vg = FileVG(tmp_path, clone_method="reflink")
+    vg = FileVG(tmp_path, FileVGSettings(clone_method="reflink"))
     await _ingest(vg, "i_src", data, MiB)
     try:
         await vg.clone("i_src", "b_dst")
@@ -145,11 +145,11 @@ async def test_forced_reflink_clones_or_fails_cleanly(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range is Linux's")
-def test_early_writeback_is_bound_to_the_kernel_on_linux(tmp_path: Path) -> None:
+def test_early_writeback_is_bound_to_the_kernel_on_linux() -> None:
+    # Only the binding is checked: a started writeback leaves nothing a test can see in one
+    # file (the kernel's dirty and writeback counters are the whole system's); what it buys
+    # is measured in benchmarks/README.md ("no early writeback").
     assert filevg.HAVE_WRITEBACK  # else every publish would silently flush all its data
-    with open(tmp_path / "f", "wb") as f:
-        f.write(b"x" * MiB)
-        filevg.start_writeback(f.fileno(), 0, MiB)  # no error from the kernel to raise
 
 
 async def test_a_copy_alongside_a_download_is_offered_exactly_where_clones_are_not_reflinks(
@@ -158,7 +158,7 @@ async def test_a_copy_alongside_a_download_is_offered_exactly_where_clones_are_n
     data = _image(7)
     await _ingest(FileVG(tmp_path), "i_src", data, MiB)
     try:
-        await FileVG(tmp_path, clone_method="reflink").clone("i_src", "b_ref")
+        await FileVG(tmp_path, FileVGSettings(clone_method="reflink")).clone("i_src", "b_ref")
         reflinks = True
     except StorageError:
         reflinks = False
@@ -169,6 +169,6 @@ async def test_a_copy_alongside_a_download_is_offered_exactly_where_clones_are_n
         await copy.write(data)
         await copy.discard()
     assert _disks(tmp_path) == (["b_ref", "i_src"] if reflinks else ["i_src"])
-    forced = await FileVG(tmp_path, clone_method="sparse").create_copy("b_x", 1)
+    forced = await FileVG(tmp_path, FileVGSettings(clone_method="sparse")).create_copy("b_x", 1)
     assert forced is not None  # hole-aware copies asked for: a tee even where reflinks work
     await forced.discard()

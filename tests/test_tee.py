@@ -19,7 +19,7 @@ from pvmcache_async import GlanceClient, ImageCache, InsufficientSpace, Outcome
 from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import CLONE_PREFIX
 from pvmcache_async.storage.base import PartialDisk
-from pvmcache_async.storage.filevg import FileVG
+from pvmcache_async.storage.filevg import FileVG, FileVGSettings
 from pvmcache_async.transfer import CacheSettings
 
 from .faultproxy import FaultProxy, stall
@@ -49,7 +49,7 @@ class _VG(FileVG):
     tests run on (a reflink VG prefers its constant-time clones)."""
 
     def __init__(self, root: Path, copy_fails_after: int | None = None) -> None:
-        super().__init__(root, clone_method="sparse")
+        super().__init__(root, FileVGSettings(clone_method="sparse"))
         self.clones = 0
         self.copies = 0
         self._fails_after = copy_fails_after

@@ -20,23 +20,24 @@ file) under a disk name is refused with an error naming it. Disks are created wi
 extended attributes (``user.pvmcache.image_id``, ``.size``, ``.digest``), read back by
 ``disk_identity``; where the filesystem has no user xattrs it records nothing.
 
-Space and speed (measured in ``benchmarks/README.md``):
+Space and speed (each choice a ``FileVGSettings`` field, measured in benchmarks/README.md):
 
-* **Room taken up front**: a partial disk is given its whole size with ``fallocate`` when it
-  is made, so it takes its room from the filesystem at once, against every other process and
-  download, and a disk too full for it is refused before a byte is fetched. Filesystems without
-  ``fallocate`` get a file of that size as one hole instead (the cache's own check up front
-  then counts only this process's downloads).
-* **Sparse ingest**: a block of zeros arriving from Glance is not written: its range is
-  punched out of the reserved file (``FALLOC_FL_PUNCH_HOLE``; where that fails it reads as
-  zeros all the same), so zero runs of a disk image become holes and give their room back.
-* **Clones**: ``FICLONE`` (a copy-on-write reflink, constant time on XFS/btrfs) where the
-  filesystem supports it, else a hole-aware copy that walks the source's data extents with
-  ``SEEK_DATA``/``SEEK_HOLE`` and copies only those with ``copy_file_range``, so a clone is as
-  sparse as its source. ``clone_method`` forces one way (for the benchmark's before/after).
-* **Early writeback**: each chunk written to a partial disk, and each piece a clone copies,
-  has its writeback started at once (``sync_file_range``), so the device writes while the
-  network delivers and the fsync before a rename finds little left to do.
+* **Room taken up front** (``preallocate``): a partial disk is given its whole size with
+  ``fallocate`` when it is made, so it takes its room from the filesystem at once, against
+  every other process and download, and a disk too full for it is refused before a byte is
+  fetched. Filesystems without ``fallocate`` get a file of that size as one hole instead (the
+  cache's own check up front then counts only this process's downloads).
+* **Sparse ingest** (``sparse``): a block of zeros arriving from Glance is not written: its
+  range is punched out of the preallocated file (``FALLOC_FL_PUNCH_HOLE``; where that fails
+  it reads as zeros all the same), so zero runs of a disk image become holes and give their
+  room back.
+* **Clones** (``clone_method``): ``FICLONE`` (a copy-on-write reflink, constant time on
+  XFS/btrfs) where the filesystem supports it, else a hole-aware copy that walks the source's
+  data extents with ``SEEK_DATA``/``SEEK_HOLE`` and copies only those with
+  ``copy_file_range``, so a clone is as sparse as its source.
+* **Early writeback** (``writeback``): each chunk written to a partial disk, and each piece a
+  clone copies, has its writeback started at once (``sync_file_range``), so the device writes
+  while the network delivers and the fsync before a rename finds little left to do.
 """
 
 from __future__ import annotations
@@ -47,21 +48,22 @@ import ctypes
 import errno
 import fcntl
 import os
-import re
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
 import aiofiles.os
 
-from ..errors import DiskExists, InsufficientSpace, InvalidInput, StorageError
+from ..errors import DiskExists, InvalidInput, StorageError
 from ..locks import FileLock, OwnerLocks, private_dir
 from ..names import CLONE_PREFIX, PARTIAL_PREFIX, is_temporary_name, temporary_disk_name
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+from .checks import check_disk_name, storage_error
 
-_DISK_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+LONGEST_DISK_NAME = 64  # a plain file name, and well within any filesystem's NAME_MAX
 _COPY_CHUNK = 1 << 30  # per copy_file_range call; the kernel copies without user space
 HOLE_BLOCK = 64 << 10  # zero runs are detected (and become holes) at this granularity
 _ZEROS = bytes(HOLE_BLOCK)
@@ -101,7 +103,22 @@ _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
-def reserve(fd: int, size: int) -> bool:
+@dataclass(frozen=True, slots=True)
+class FileVGSettings:
+    """How a file VG writes its disks; the defaults are the product's.
+
+    The benchmark passes the alternatives to measure each choice (``storm --speed``).
+    """
+
+    sparse: bool = True  # zero blocks of a download become holes
+    clone_method: CloneMethod = "auto"  # FICLONE where it works, else a hole-aware copy
+    writeback: bool = True  # start writing each chunk to the device as it lands
+    writeback_piece: int = WRITEBACK_PIECE  # with writeback, a clone's pieces are this size
+    preallocate: bool = True  # a partial disk takes its whole room when it is made
+    mode: int = DISK_MODE  # of every disk made here
+
+
+def preallocate(fd: int, size: int) -> bool:
     """Give the empty file ``fd`` its ``size``, allocated now (the blocks read as zeros);
     False where the filesystem cannot. Too little room raises ``OSError(ENOSPC)``."""
     if _FALLOCATE is None or size <= 0:
@@ -116,7 +133,7 @@ def reserve(fd: int, size: int) -> bool:
 
 def _punch(fd: int, offset: int, length: int) -> None:
     """Give back the blocks of a range that holds zeros. Best effort: where the filesystem
-    cannot, the range keeps its reserved blocks, which read as zeros just the same."""
+    cannot, the range keeps its allocated blocks, which read as zeros just the same."""
     if _FALLOCATE is not None and length > 0:
         _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
@@ -157,12 +174,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """
     if _SYNC_FILE_RANGE is not None and length > 0:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _storage_error(what: str, exc: OSError) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientSpace(f"{what}: no space left in the volume group")
-    return StorageError(f"{what}: {exc.strerror or exc}")
 
 
 def _check_disk(name: str, mode: int) -> None:
@@ -243,16 +254,16 @@ def _get_identity(path: Path) -> DiskIdentity | None:
     return DiskIdentity(image_id, size, algo, digest)
 
 
-def _resize(fd: int, size: int, reserving: bool) -> bool:
-    """Empty the file, then give it its final size: reserved where the filesystem can (True),
+def _resize(fd: int, size: int, preallocating: bool) -> bool:
+    """Empty the file, then give it its final size: allocated where the filesystem can (True),
     else as one hole.
 
     Writes then land inside the file, never past its end: XFS would otherwise preallocate
-    beyond the end while the file grows, filling the holes sparse ingest skips (measured:
-    a 1 GiB image with 505 MiB of data took 767 MiB of blocks that way, see benchmarks/).
+    beyond the end while the file grows, filling the holes sparse ingest skips (measured in
+    benchmarks/README.md, "On XFS with reflink").
     """
     os.ftruncate(fd, 0)
-    if reserving and reserve(fd, size):
+    if preallocating and preallocate(fd, size):
         return True
     os.ftruncate(fd, max(size, 0))
     return False
@@ -274,7 +285,7 @@ def write_sparse(fd: int, offset: int, data: bytes, *, punch: bool = False) -> i
 
     Blocks are aligned to the file offset, so a run of zeros in the image lands on whole
     filesystem blocks whatever sizes the chunks arrive in. The caller sets the final size.
-    With ``punch`` (a file reserved up front) each run of zero blocks is punched out.
+    With ``punch`` (a preallocated file) each run of zero blocks is punched out.
     """
     end = offset + len(data)
     pos = offset
@@ -306,7 +317,7 @@ class FilePartialDisk(PartialDisk):
         fd: int,
         size: int,
         owner: FileLock,
-        reserved: bool,
+        preallocated: bool,
         identity: DiskIdentity | None,
     ) -> None:
         self.name = name
@@ -314,7 +325,7 @@ class FilePartialDisk(PartialDisk):
         self._path = path
         self._fd: int | None = fd
         self._size = size
-        self._reserved = reserved  # its room taken up front: zero runs are punched out
+        self._preallocated = preallocated  # its room taken up front: zero runs are punched out
         self._offset = 0
         self._owner: FileLock | None = owner  # held until the file is published or gone
         self._identity = identity
@@ -332,14 +343,15 @@ class FilePartialDisk(PartialDisk):
 
     def _write_sync(self, fd: int, chunk: bytes) -> None:
         start = self._offset
-        if self._vg.sparse:
-            self._offset = write_sparse(fd, self._offset, chunk, punch=self._reserved)
+        settings = self._vg.settings
+        if settings.sparse:
+            self._offset = write_sparse(fd, self._offset, chunk, punch=self._preallocated)
         else:
             view = memoryview(chunk)
             while view:
                 n = os.pwrite(fd, view, self._offset)
                 view, self._offset = view[n:], self._offset + n
-        if self._vg.writeback:
+        if settings.writeback:
             start_writeback(fd, start, self._offset - start)
 
     async def write(self, chunk: bytes) -> None:
@@ -347,14 +359,16 @@ class FilePartialDisk(PartialDisk):
         try:
             await asyncio.to_thread(self._write_sync, fd, chunk)
         except OSError as exc:
-            raise _storage_error(f"writing partial disk {self.name}", exc) from exc
+            raise storage_error(f"writing partial disk {self.name}", exc) from exc
 
     async def rewind(self) -> None:
         fd = self._handle()
         try:
-            self._reserved = await asyncio.to_thread(_resize, fd, self._size, self._vg.reserve)
+            self._preallocated = await asyncio.to_thread(
+                _resize, fd, self._size, self._vg.settings.preallocate
+            )
         except OSError as exc:
-            raise _storage_error(f"rewinding partial disk {self.name}", exc) from exc
+            raise storage_error(f"rewinding partial disk {self.name}", exc) from exc
         self._offset = 0
 
     async def publish(self, final_name: str) -> None:
@@ -363,7 +377,7 @@ class FilePartialDisk(PartialDisk):
         try:
             await asyncio.to_thread(self._publish_sync, fd, final, final_name)
         except OSError as exc:
-            raise _storage_error(f"publishing {self.name} as {final_name}", exc) from exc
+            raise storage_error(f"publishing {self.name} as {final_name}", exc) from exc
         self._fd = None
         os.close(fd)
         self._disown()
@@ -424,59 +438,55 @@ def reflink(sfd: int, dfd: int) -> bool:
     return True
 
 
-def _probe_reflink(directory: Path) -> bool:
-    """Whether FICLONE works between two files in ``directory`` (one block of data)."""
+def _probe(directory: Path, count: int, test: Callable[..., bool]) -> bool:
+    """What ``test`` says of ``count`` fresh unnamed files in ``directory`` (``O_TMPFILE``:
+    none is left behind, even by a crash); False where such files cannot be made."""
     fds: list[int] = []
     try:
-        for _ in range(2):
+        for _ in range(count):
             fds.append(os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600))
-        os.pwrite(fds[0], b"\1" * HOLE_BLOCK, 0)
-        return reflink(fds[0], fds[1])
+        return test(*fds)
     except OSError:
-        return False  # no O_TMPFILE or no FICLONE here: a clone will find out for itself
+        return False  # no O_TMPFILE here: the first real use will find out for itself
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _probe_reserve(directory: Path) -> bool:
-    """Whether ``fallocate`` reserves room in ``directory``'s filesystem (one block)."""
-    try:
-        fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False  # no O_TMPFILE here: take the cautious answer
-    try:
-        return reserve(fd, HOLE_BLOCK)
-    except OSError:
-        return True  # it tried to allocate and found no room: it does reserve
-    finally:
-        os.close(fd)
+def probe_reflink(directory: Path) -> bool:
+    """Whether FICLONE works between two files in ``directory`` (one block of data)."""
+
+    def test(src: int, dst: int) -> bool:
+        os.pwrite(src, b"\1" * HOLE_BLOCK, 0)
+        return reflink(src, dst)
+
+    return _probe(directory, 2, test)
+
+
+def _probe_preallocate(directory: Path) -> bool:
+    """Whether ``fallocate`` allocates room in ``directory``'s filesystem (one block)."""
+
+    def test(fd: int) -> bool:
+        try:
+            return preallocate(fd, HOLE_BLOCK)
+        except OSError:
+            return True  # it tried to allocate and found no room: it does allocate
+
+    return _probe(directory, 1, test)
 
 
 class FileVG(VolumeGroup):
     """A volume group kept as a directory of regular files."""
 
     def __init__(
-        self,
-        root: Path,
-        *,
-        sparse: bool = True,
-        clone_method: CloneMethod = "auto",
-        writeback: bool = True,
-        reserve: bool = True,
-        mode: int = DISK_MODE,
-        create: bool = True,
+        self, root: Path, settings: FileVGSettings | None = None, *, create: bool = True
     ) -> None:
         if not create and not root.is_dir():
             raise InvalidInput(f"file VG {root}: no such directory")
         self.root = root
-        self.mode = mode  # of every disk made here
-        self.reserve = reserve  # a partial disk takes its whole room when it is made
-        self.sparse = sparse  # zero blocks of a download become holes
-        self.writeback = writeback  # start writing each chunk to the device as it arrives
-        self.clone_method: CloneMethod = clone_method
+        self.settings = settings or FileVGSettings()
         self._reflink_works: bool | None = None  # learnt on the first clone (per VG)
-        self._reserve_works: bool | None = None  # learnt by a probe, then by each partial
+        self._preallocate_works: bool | None = None  # learnt by a probe, then by each partial
         # Clones run on threads of their own: on the loop's small default executor a storm's
         # clones (tens of ms each) would queue every quick stat and index call behind them.
         self._clone_threads = ThreadPoolExecutor(CLONE_THREADS, thread_name_prefix="filevg-clone")
@@ -491,8 +501,7 @@ class FileVG(VolumeGroup):
 
     def path_of(self, name: str) -> Path:
         """The file of disk ``name``; the name is checked so it can only be a plain file name."""
-        if not _DISK_NAME.fullmatch(name):
-            raise InvalidInput(f"disk name {name!r} is not 1-64 characters of [A-Za-z0-9_]")
+        check_disk_name(name, LONGEST_DISK_NAME)
         return self.root / name
 
     async def list_disks(self) -> list[DiskInfo]:
@@ -539,9 +548,10 @@ class FileVG(VolumeGroup):
     def _open_new(self, path: Path) -> int:
         """Create the file of a new disk: never through a symlink, never an existing file."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, self.mode)
+        mode = self.settings.mode
+        fd = os.open(path, flags, mode)
         try:
-            os.fchmod(fd, self.mode)  # exactly the mode asked, whatever the umask
+            os.fchmod(fd, mode)  # exactly the mode asked, whatever the umask
         except BaseException:
             os.close(fd)
             raise
@@ -558,33 +568,33 @@ class FileVG(VolumeGroup):
                     f"partial disk {name} already exists in the volume group"
                 ) from None
             except OSError as exc:
-                raise _storage_error(f"creating partial disk {name}", exc) from exc
+                raise storage_error(f"creating partial disk {name}", exc) from exc
             try:
-                reserved = await asyncio.to_thread(_resize, fd, size, self.reserve)
+                preallocated = await asyncio.to_thread(_resize, fd, size, self.settings.preallocate)
             except OSError as exc:
                 os.close(fd)
                 await aiofiles.os.unlink(path)
-                raise _storage_error(f"creating partial disk {name} of {size} bytes", exc) from exc
+                raise storage_error(f"creating partial disk {name} of {size} bytes", exc) from exc
         except BaseException:
             OwnerLocks.disown(owner)
             raise
-        if size > 0 and self.reserve:
-            self._reserve_works = reserved  # what happened, over what the probe foresaw
-        return FilePartialDisk(self, name, path, fd, size, owner, reserved, identity)
+        if size > 0 and self.settings.preallocate:
+            self._preallocate_works = preallocated  # what happened, over what the probe foresaw
+        return FilePartialDisk(self, name, path, fd, size, owner, preallocated, identity)
 
     async def reserves_space(self) -> bool:
-        if not self.reserve:
+        if not self.settings.preallocate:
             return False
-        if self._reserve_works is None:
-            self._reserve_works = await asyncio.to_thread(_probe_reserve, self.state_dir)
-        return self._reserve_works
+        if self._preallocate_works is None:
+            self._preallocate_works = await asyncio.to_thread(_probe_preallocate, self.state_dir)
+        return self._preallocate_works
 
     def _reflinks(self) -> bool:
         """Whether clones here will be reflinks: learnt by the first clone, or by a probe."""
-        if self.clone_method not in ("auto", "reflink"):
+        if self.settings.clone_method not in ("auto", "reflink"):
             return False
         if self._reflink_works is None:
-            self._reflink_works = _probe_reflink(self.state_dir)
+            self._reflink_works = probe_reflink(self.state_dir)
         return self._reflink_works
 
     async def clone(self, source: str, target: str) -> None:
@@ -596,10 +606,10 @@ class FileVG(VolumeGroup):
                 self._clone_threads, self._clone_sync, src, tmp, dst, target
             )
         except OSError as exc:
-            raise _storage_error(f"cloning {source} to {target}", exc) from exc
+            raise storage_error(f"cloning {source} to {target}", exc) from exc
 
     def _copy(self, sfd: int, dfd: int) -> None:
-        method = self.clone_method
+        method = self.settings.clone_method
         if method in ("auto", "reflink") and self._reflink_works is not False:
             if reflink(sfd, dfd):
                 self._reflink_works = True
@@ -608,7 +618,7 @@ class FileVG(VolumeGroup):
             if method == "reflink":
                 raise StorageError(f"the filesystem of {self.root} cannot reflink (FICLONE)")
         size = os.fstat(sfd).st_size
-        piece = WRITEBACK_PIECE if self.writeback else _COPY_CHUNK
+        piece = self.settings.writeback_piece if self.settings.writeback else _COPY_CHUNK
         if method == "copy":  # a plain full copy: every byte, holes included
             _copy_range(sfd, dfd, 0, size, piece)
         else:
@@ -660,7 +670,7 @@ class FileVG(VolumeGroup):
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _storage_error(f"deleting disk {name}", exc) from exc
+            raise storage_error(f"deleting disk {name}", exc) from exc
 
     async def capacity(self) -> Capacity:
         st = await asyncio.to_thread(os.statvfs, self.root)

@@ -1,5 +1,8 @@
 """The PowerVM volume group: every disk is a virtual disk (logical volume) of a VG on a VIOS.
 
+This module is the backend; ``powervm_spec`` parses the ``powervm:`` spec and logs on,
+``powervm_stream`` carries the bytes from the event loop to pypowervm's upload thread.
+
 Driven through the PowerVM REST API with pypowervm, as nova-powervm's localdisk driver was:
 ``find_vg`` locates the VG, ``upload_new_vdisk`` streams a download into a new disk,
 ``crt_copy_vdisk`` clones on the server side and ``rm_vg_storage`` deletes. pypowervm blocks,
@@ -9,7 +12,7 @@ long uploads never starve the event loop's default executor.
 ``upload_new_vdisk`` creates the disk under its name *before* streaming into it, so a download
 is uploaded under the partial name and renamed to its ``i_`` name only in ``publish``, after
 the digest matched. The stream reaches pypowervm's reading thread through a bounded
-:class:`StreamBuffer`: the download waits while the buffer is full, the upload waits while
+``powervm_stream.StreamBuffer``: the download waits while the buffer is full, the upload waits while
 it is empty, and the end of the stream is only sent in ``publish``, so an upload whose digest
 failed never completes on the server.
 
@@ -27,14 +30,12 @@ keyed by the disk's udid, so that ``disk_size`` reports the image's size for the
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import json
 import logging
 import math
 import os
-import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -46,10 +47,12 @@ from ..errors import CacheError, DiskExists, InvalidInput, StorageError
 from ..locks import FileLock, OwnerLocks, SharedRead, private_dir
 from ..names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+from .checks import cause, check_disk_name, storage_error
+from .powervm_spec import DEFAULT_BUFFER, connect, parse_spec
+from .powervm_stream import StreamBuffer
 
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")
-    from pypowervm import adapter as pvm_adpt
     from pypowervm import const as pvm_const
     from pypowervm import exceptions as pvm_exc
     from pypowervm.tasks import storage as pvm_stg
@@ -60,147 +63,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GB = 1 << 30  # pypowervm's sizes are in GB (GiB: util.convert_bytes_to_gb divides by 1024**3)
-DEFAULT_BUFFER = 16 << 20
 MAX_UPLOADS = 3  # pypowervm's own cap (tasks.storage._UPLOAD_SEM); more would only queue
 RENAME_TRIES = 10
-PASSWORD_ENV = "PVMCACHE_POWERVM_PASSWORD"
-_DISK_NAME = re.compile(rf"[A-Za-z0-9_]{{1,{pvm_const.MaxLen.VDISK_NAME}}}")
-_SPEC_KEYS = {
-    "host",
-    "port",
-    "protocol",
-    "user",
-    "password_env",
-    "certpath",
-    "vg",
-    "vios",
-    "state_dir",
-    "buffer_mb",
-    "conn_tries",
-}
 
 assert MAX_DISK_NAME <= pvm_const.MaxLen.VDISK_NAME  # names.py keeps names within PowerVM's
 
 
-# -- the bounded buffer between the asyncio download and pypowervm's reading thread ---------
-
-
-class StreamBuffer:
-    """A bounded byte pipe from the event loop (one writer) to one reading thread.
-
-    ``put`` (on the loop) waits while ``limit`` bytes are buffered; ``read`` (in the thread)
-    blocks while nothing is. A chunk larger than ``limit`` is taken when the buffer is empty,
-    so at most ``max(limit, largest chunk)`` bytes are ever held. ``abort`` makes the reader's
-    next ``read`` raise; ``reader_failed`` makes the writer's next ``put`` raise.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise InvalidInput("the upload buffer must hold at least one byte")
-        self.limit = limit
-        self._loop = asyncio.get_running_loop()
-        self._cond = threading.Condition()
-        self._chunks: collections.deque[memoryview] = collections.deque()
-        self._buffered = 0
-        self._eof = False
-        self._aborted: str | None = None
-        self._reader_error: BaseException | None = None
-        self._room = asyncio.Event()
-        self.bytes_written = 0
-        self.bytes_read = 0
-        self.high_water = 0  # the most bytes ever buffered at once
-
-    @property
-    def buffered(self) -> int:
-        return self._buffered
-
-    async def put(self, chunk: bytes) -> None:
-        """Queue ``chunk`` for the reader; wait while the buffer is full."""
-        if not chunk:
-            return
-        while True:
-            with self._cond:
-                self._check_writable()
-                if self._buffered == 0 or self._buffered + len(chunk) <= self.limit:
-                    self._chunks.append(memoryview(chunk))
-                    self._buffered += len(chunk)
-                    self.bytes_written += len(chunk)
-                    self.high_water = max(self.high_water, self._buffered)
-                    self._cond.notify_all()
-                    return
-                self._room.clear()  # under the lock: a read after this sets it again
-            await self._room.wait()
-
-    def _check_writable(self) -> None:
-        if self._reader_error is not None:
-            cause = str(self._reader_error) or type(self._reader_error).__name__
-            raise StorageError(f"the upload to PowerVM failed: {' '.join(cause.split())}")
-        if self._aborted is not None:
-            raise StorageError(f"the upload to PowerVM was stopped: {self._aborted}")
-        if self._eof:
-            raise StorageError("the upload stream is already closed")
-
-    def close(self) -> None:
-        """End of stream: the reader gets ``b""`` once the buffer is drained."""
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def abort(self, reason: str) -> None:
-        """Stop the reader: its next (or current) ``read`` raises; buffered data is dropped."""
-        with self._cond:
-            if self._aborted is None:
-                self._aborted = reason
-            self._chunks.clear()
-            self._buffered = 0
-            self._cond.notify_all()
-        self._wake_writer()
-
-    def reader_failed(self, exc: BaseException) -> None:
-        """Called from the reading thread when the upload failed: the writer stops."""
-        with self._cond:
-            self._reader_error = exc
-            self._chunks.clear()
-            self._buffered = 0
-        self._wake_writer()
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (all buffered ones if negative); ``b""`` at the end of stream."""
-        with self._cond:
-            while not self._chunks and not self._eof and self._aborted is None:
-                self._cond.wait()
-            if self._aborted is not None:
-                raise OSError(f"upload stream aborted: {self._aborted}")
-            if not self._chunks:
-                return b""
-            parts: list[bytes] = []
-            want = size if size >= 0 else self._buffered
-            while self._chunks and want > 0:
-                head = self._chunks[0]
-                take = head[:want]
-                parts.append(bytes(take))
-                want -= len(take)
-                if len(take) == len(head):
-                    self._chunks.popleft()
-                else:
-                    self._chunks[0] = head[len(take) :]
-            data = b"".join(parts)
-            self._buffered -= len(data)
-            self.bytes_read += len(data)
-        self._wake_writer()
-        return data
-
-    def _wake_writer(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            self._loop.call_soon_threadsafe(self._room.set)
-
-
-# -- errors -------------------------------------------------------------------------------
-
-
-def _cause(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+# -- errors and the spec -----------------------------------------------------------------
 
 
 def _is_etag_mismatch(exc: BaseException) -> bool:
@@ -209,128 +78,6 @@ def _is_etag_mismatch(exc: BaseException) -> bool:
         isinstance(exc, pvm_exc.HttpError)
         and getattr(resp, "status", None) == pvm_const.HTTPStatus.ETAG_MISMATCH
     )
-
-
-def _storage_error(what: str, exc: BaseException) -> StorageError:
-    if isinstance(exc, CacheError):
-        return exc if isinstance(exc, StorageError) else StorageError(f"{what}: {exc}")
-    return StorageError(f"{what}: {_cause(exc)}")
-
-
-# -- the spec -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PowerVMSpec:
-    """What ``powervm:key=value,...`` says. The password is never part of it."""
-
-    vg: str
-    host: str | None = None  # None: the local NovaLink REST server, file-based auth
-    port: int | None = None
-    protocol: str | None = None
-    user: str | None = None
-    password_env: str = PASSWORD_ENV
-    certpath: str | None = None
-    vios: str | None = None
-    state_dir: Path | None = None
-    buffer_bytes: int = DEFAULT_BUFFER
-    conn_tries: int = 1
-
-    def text(self) -> str:
-        """The spec as it would be written, for messages and ``VolumeGroup.spec``."""
-        parts = [f"vg={self.vg}"]
-        for key in ("host", "port", "protocol", "user", "vios", "state_dir", "certpath"):
-            value = getattr(self, key)
-            if value is not None:
-                parts.append(f"{key}={value}")
-        return "powervm:" + ",".join(parts)
-
-    def default_state_dir(self) -> Path:
-        """Per user, keyed by host, VIOS and VG: the index and locks of this VG."""
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        key = f"{self.host or 'local'}_{self.vios or 'any'}_{self.vg}"
-        return Path(base) / "pvmcache_async" / "powervm" / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-
-
-def parse_spec(rest: str) -> PowerVMSpec:
-    """Parse the part of ``powervm:...`` after the colon: ``key=value`` pairs, comma-separated."""
-    values: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if key == "password":
-            raise InvalidInput(
-                f"VG powervm: a password is never given in the spec; set {PASSWORD_ENV} "
-                "(or the variable named by password_env=)"
-            )
-        if not sep or key not in _SPEC_KEYS or not value:
-            raise InvalidInput(
-                f"VG powervm: {item!r} is not one of {', '.join(sorted(_SPEC_KEYS))} as key=value"
-            )
-        if key in values:
-            raise InvalidInput(f"VG powervm: {key} is given twice")
-        values[key] = value
-    if "vg" not in values:
-        raise InvalidInput("VG powervm: vg=NAME (the volume group) is required")
-
-    def number(key: str, default: int, low: int) -> int:
-        raw = values.get(key)
-        if raw is None:
-            return default
-        if not raw.isdigit() or int(raw) < low:
-            raise InvalidInput(f"VG powervm: {key}={raw!r} is not a whole number >= {low}")
-        return int(raw)
-
-    protocol = values.get("protocol")
-    if protocol not in (None, "http", "https"):
-        raise InvalidInput(f"VG powervm: protocol={protocol!r} is not http or https")
-    port = values.get("port")
-    return PowerVMSpec(
-        vg=values["vg"],
-        host=values.get("host"),
-        port=number("port", 0, 1) if port is not None else None,
-        protocol=protocol,
-        user=values.get("user"),
-        password_env=values.get("password_env", PASSWORD_ENV),
-        certpath=values.get("certpath"),
-        vios=values.get("vios"),
-        state_dir=Path(values["state_dir"]).expanduser() if "state_dir" in values else None,
-        buffer_bytes=number("buffer_mb", DEFAULT_BUFFER >> 20, 1) << 20,
-        conn_tries=number("conn_tries", 1, 1),
-    )
-
-
-def connect(spec: PowerVMSpec) -> Any:
-    """Log on to the PowerVM REST API (blocking) and return a ``pypowervm.adapter.Adapter``.
-
-    Without a host: the local NovaLink REST server with file-based authentication, as
-    nova-powervm connected. With a host (an HMC or a remote NovaLink): user and password,
-    the password read from the environment variable ``spec.password_env``.
-    """
-    pvm_log = logging.getLogger("pypowervm")
-    if pvm_log.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
-        # pypowervm logs each failure as a warning before raising it; the error we raise
-        # says it once (the command line's promise: one line). Debug logging keeps them.
-        pvm_log.setLevel(logging.ERROR)
-    kwargs: dict[str, Any] = {"conn_tries": spec.conn_tries}
-    if spec.host is not None:
-        password = os.environ.get(spec.password_env)
-        if not spec.user or not password:
-            raise InvalidInput(
-                f"VG {spec.text()}: a remote host needs user= and the password in "
-                f"${spec.password_env}"
-            )
-        kwargs.update(host=spec.host, username=spec.user, password=password)
-    for key in ("port", "protocol", "certpath"):
-        if getattr(spec, key) is not None:
-            kwargs[key] = getattr(spec, key)
-    try:
-        session = pvm_adpt.Session(**kwargs)
-    except Exception as exc:  # pypowervm raises its own errors and requests' alike
-        raise StorageError(
-            f"VG {spec.text()}: cannot log on to the PowerVM REST API: {_cause(exc)}"
-        ) from None  # the chain could hold the logon request
-    return pvm_adpt.Adapter(session)
 
 
 def open_powervm_vg(rest: str) -> PowerVMVG:
@@ -357,8 +104,8 @@ class _Target:
 
 
 @dataclass(frozen=True, slots=True)
-class _Seen:
-    """What a look at the VG saw of one disk, as plain values."""
+class VDiskState:
+    """One virtual disk as a read of the VG found it, as plain values."""
 
     name: str
     udid: str | None
@@ -367,7 +114,7 @@ class _Seen:
     label: str | None = None
 
     @classmethod
-    def of(cls, vdisk: Any) -> _Seen:
+    def of(cls, vdisk: Any) -> VDiskState:
         return cls(
             _disk_name(vdisk), vdisk.udid, vdisk.capacity or 0.0, vdisk.file_format, vdisk.label
         )
@@ -379,20 +126,20 @@ def _disk_name(vdisk: Any) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Look:
-    """One GET of the VG, as plain values made in the worker thread: every caller that shares
-    the GET gets this, never pypowervm's wrapper."""
+class VGState:
+    """The VG as one GET found it (its disks, its capacity), as plain values made in the worker
+    thread: every caller that shares the GET gets this, never pypowervm's wrapper."""
 
-    disks: tuple[_Seen, ...]
+    disks: tuple[VDiskState, ...]
     capacity: Capacity
 
     @classmethod
-    def of(cls, vg_w: Any) -> _Look:
+    def of(cls, vg_w: Any) -> VGState:
         known = [v for v in (vg_w.available_size, vg_w.free_space) if v is not None]
         free_gb = min(known) if known else 0.0
         # disks are made in whole GB: only whole free GB can hold an image
         capacity = Capacity(total=int((vg_w.capacity or 0.0) * GB), free=math.floor(free_gb) * GB)
-        return cls(tuple(_Seen.of(d) for d in vg_w.virtual_disks), capacity)
+        return cls(tuple(VDiskState.of(d) for d in vg_w.virtual_disks), capacity)
 
 
 class PowerVMPartialDisk(PartialDisk):
@@ -484,7 +231,7 @@ class PowerVMPartialDisk(PartialDisk):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            raise _storage_error(f"uploading {self.name} to PowerVM", exc) from exc
+            raise storage_error(f"uploading {self.name} to PowerVM", exc) from exc
         self._upload = None
         await self._vg.rename(vdisk.udid, self.name, final_name, self._label, self.size)
         self._closed = True
@@ -527,10 +274,10 @@ class PowerVMVG(VolumeGroup):
         self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
         self._upload_slots = asyncio.Semaphore(MAX_UPLOADS)
         self.live: set[PowerVMPartialDisk] = set()  # partial disks not yet published or discarded
-        # the looks that change nothing share one GET of the VG (a slow REST call, and a deploy
+        # the reads that change nothing share one GET of the VG (a slow REST call, and a deploy
         # storm asks it hundreds of times at once); changes read it afresh for their etag
-        self._look: SharedRead[_Look] = SharedRead(
-            lambda: self._call("reading the volume group", lambda: _Look.of(self._read_vg()))
+        self._state: SharedRead[VGState] = SharedRead(
+            lambda: self._call("reading the volume group", lambda: VGState.of(self._read_vg()))
         )
         self._records = state_dir / "disks"
         try:
@@ -563,7 +310,7 @@ class PowerVMVG(VolumeGroup):
                 try:
                     vios_w, vg_w = pvm_stg.find_vg(adapter, self.vg_name, vios_name=self.vios_name)
                 except (pvm_exc.VGNotFound, pvm_exc.VIOSNotFound) as exc:
-                    raise StorageError(f"VG {self.spec}: {_cause(exc)}") from None
+                    raise StorageError(f"VG {self.spec}: {cause(exc)}") from None
                 self._target = _Target(adapter, vios_w.uuid, vg_w.uuid)
             return self._target
 
@@ -573,7 +320,7 @@ class PowerVMVG(VolumeGroup):
         except CacheError:
             raise
         except Exception as exc:
-            raise _storage_error(f"VG {self.spec}: {what}", exc) from exc
+            raise storage_error(f"VG {self.spec}: {what}", exc) from exc
 
     def _read_vg(self) -> Any:
         t = self.target_sync()
@@ -582,10 +329,7 @@ class PowerVMVG(VolumeGroup):
         )
 
     def check_name(self, name: str) -> None:
-        if not _DISK_NAME.fullmatch(name):
-            raise InvalidInput(
-                f"disk name {name!r} is not 1-{pvm_const.MaxLen.VDISK_NAME} of [A-Za-z0-9_]"
-            )
+        check_disk_name(name, pvm_const.MaxLen.VDISK_NAME)
 
     @staticmethod
     def _named(vg_w: Any, name: str) -> list[Any]:
@@ -605,7 +349,7 @@ class PowerVMVG(VolumeGroup):
     def _forget(self, name: str) -> None:
         self._record_path(name).unlink(missing_ok=True)
 
-    def _sized(self, disk: _Seen) -> int:
+    def _sized(self, disk: VDiskState) -> int:
         """The exact size this backend recorded for the disk, else its size in whole GB."""
         try:
             record = json.loads(self._record_path(disk.name).read_text())
@@ -617,14 +361,14 @@ class PowerVMVG(VolumeGroup):
                 return size
         return round(disk.capacity_gb * GB)
 
-    async def _seen(self) -> tuple[_Seen, ...]:
+    async def _disks(self) -> tuple[VDiskState, ...]:
         """The VG's disks as a read begun after this call saw them."""
-        return (await self._look()).disks
+        return (await self._state()).disks
 
     # -- the protocol -------------------------------------------------------------------
 
     async def list_disks(self) -> list[DiskInfo]:
-        seen = await self._seen()
+        seen = await self._disks()
 
         def sized() -> list[DiskInfo]:
             return sorted((DiskInfo(d.name, self._sized(d)) for d in seen), key=lambda d: d.name)
@@ -633,7 +377,7 @@ class PowerVMVG(VolumeGroup):
 
     async def disk_size(self, name: str) -> int | None:
         self.check_name(name)
-        found = [d for d in await self._seen() if d.name == name]
+        found = [d for d in await self._disks() if d.name == name]
         if not found:
             return None
         return await self._call(f"reading disk {name}", self._sized, found[0])
@@ -661,14 +405,14 @@ class PowerVMVG(VolumeGroup):
 
     async def disk_identity(self, name: str) -> DiskIdentity | None:
         self.check_name(name)
-        found = [d for d in await self._seen() if d.name == name and d.label]
+        found = [d for d in await self._disks() if d.name == name and d.label]
         if not found:
             return None
         size = await self._call(f"reading disk {name}", self._sized, found[0])
         return DiskIdentity(str(found[0].label), size)
 
     async def remove_dead_temporaries(self) -> list[str]:
-        seen = {d.name for d in await self._seen() if is_temporary_name(d.name)}
+        seen = {d.name for d in await self._disks() if is_temporary_name(d.name)}
         dead = await asyncio.to_thread(self.owners.dead, sorted(seen), (PARTIAL_PREFIX,))
         removed = []
         for owner in dead:
@@ -717,7 +461,7 @@ class PowerVMVG(VolumeGroup):
         self.check_name(source)
         self.check_name(target)
 
-        seen = await self._seen()  # crt_copy_vdisk reads the VG again, for its update
+        seen = await self._disks()  # crt_copy_vdisk reads the VG again, for its update
         if any(d.name == target for d in seen):
             raise DiskExists(f"disk {target} already exists in the volume group")
         found = [d for d in seen if d.name == source]
@@ -764,7 +508,7 @@ class PowerVMVG(VolumeGroup):
         await self._call(f"deleting disk {name}", delete)
 
     async def capacity(self) -> Capacity:
-        return (await self._look()).capacity
+        return (await self._state()).capacity
 
     async def close(self) -> None:
         for partial in list(self.live):  # an upload thread blocked in read() would never end
@@ -774,13 +518,4 @@ class PowerVMVG(VolumeGroup):
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
-__all__ = [
-    "PASSWORD_ENV",
-    "PowerVMPartialDisk",
-    "PowerVMSpec",
-    "PowerVMVG",
-    "StreamBuffer",
-    "connect",
-    "open_powervm_vg",
-    "parse_spec",
-]
+__all__ = ["PowerVMPartialDisk", "PowerVMVG", "open_powervm_vg"]

@@ -7,11 +7,38 @@ its own, into a fresh file VG per mode, and reports what Glance served, latencie
 and CPU, with same-run references (curl, tee | sha512sum, cp --sparse=always) and ratios.
 """
 
-from .report import format_report
-from .run import MODES, ModeReport, StormPlan, StormReport, run_storm, run_storm_sync
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .modes import MODES, NOVA_MODES
+
+if TYPE_CHECKING:
+    from .report import format_report
+    from .run import ModeReport, StormPlan, StormReport, run_storm, run_storm_sync
+
+_LAZY = {
+    "format_report": "report",
+    "ModeReport": "run",
+    "StormPlan": "run",
+    "StormReport": "run",
+    "run_storm": "run",
+    "run_storm_sync": "run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The conductor's names, imported on first use: ``storm.modes`` alone stays light."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = [
     "MODES",
+    "NOVA_MODES",
     "ModeReport",
     "StormPlan",
     "StormReport",

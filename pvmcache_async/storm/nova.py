@@ -33,9 +33,9 @@ from ..names import CLONE_PREFIX, PARTIAL_PREFIX, instance_disk_name
 from ..storage import open_vg
 from ..transfer import ImageCache
 from .images import sha256_file, upload_images
+from .modes import NOVA_MODES
 from .run import _machine, _percentile
 
-NOVA_MODES = ("cache", "no-cache", "nova")
 _POLL = 0.25  # seconds between two looks at the servers' states
 
 

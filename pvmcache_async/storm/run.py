@@ -18,12 +18,13 @@ from typing import Any
 
 from ..devglance import GlanceServer
 from ..errors import CacheError
-from ..storage.filevg import reflink
+from ..names import CACHE_PREFIX
+from ..storage.filevg import probe_reflink
 from . import refs
 from .images import upload_images
+from .modes import MODES
 from .worker import Job, Options
 
-MODES = ("cache", "no-cache", "per-image-lock")
 REPEATS = 5  # single deploys and references: the median of this many
 
 # (name, what changes, job kind) for the before/after of each speed choice
@@ -33,7 +34,7 @@ INGEST_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("dense ingest (zeros written)", {"sparse": False}),
     ("asyncio loop instead of uvloop", {"loop": "asyncio"}),
     ("no early writeback (publish's fsync writes it all)", {"writeback": False}),
-    ("room not reserved up front (a hole)", {"reserve": False}),
+    ("room not reserved up front (a hole)", {"preallocate": False}),
 ]
 COLD_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("first deploy cloned after the download (no tee)", {"tee": False}),
@@ -133,18 +134,12 @@ def _machine(root: Path) -> dict[str, Any]:
     fstype = subprocess.run(
         ["df", "--output=fstype", str(root)], capture_output=True, text=True, check=False
     ).stdout.split()[-1:]
-    a, b = root / ".reflink-a", root / ".reflink-b"
-    a.write_bytes(b"x" * 4096)
-    with open(a, "rb") as src, open(b, "wb") as dst:
-        can_reflink = reflink(src.fileno(), dst.fileno())
-    a.unlink()
-    b.unlink()
     return {
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "filesystem": fstype[0] if fstype else "unknown",
-        "reflink": can_reflink,
+        "reflink": probe_reflink(root),
         "fetch_tool": refs.fetch_tool(),
     }
 
@@ -231,7 +226,9 @@ def _singles(
             runs[i].append(_run_job(job(mode, vg, warm=warm, options=Options(**change), **one)))
             if (i, rep) != (0, 0):  # keep only the first: the references copy its cache disk
                 shutil.rmtree(root / vg, ignore_errors=True)
-        cached = sorted(vg0.glob("i_*"))  # the references in the same rounds, once each
+        cached = sorted(
+            vg0.glob(f"{CACHE_PREFIX}*")
+        )  # the references in the same rounds, once each
         measured += refs.measure(file_url, plan.image_size, cached[0] if cached else None, root)
 
     def med(i: int, key: str) -> float:

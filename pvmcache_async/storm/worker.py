@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import glance as glance_module
 from ..direct import stream_disk
-from ..glance import GlanceClient, Sink
+from ..glance import DownloadTuning, GlanceClient, Sink
 from ..models import ImageInfo
-from ..names import instance_disk_name
-from ..storage.filevg import CloneMethod, FileVG
+from ..names import cache_disk_names, instance_disk_name, partial_disk_name
+from ..storage.filevg import CloneMethod, FileVG, FileVGSettings
 from ..transfer import CacheSettings, ImageCache
 from .images import sha256_file
 
@@ -50,12 +49,12 @@ class Options:
     loop: str = "uvloop"  # or "asyncio"
     sparse: bool = True  # sparse ingest in the file VG
     clone: CloneMethod = "auto"  # FICLONE, else hole-aware copy
-    full_chunks: bool = True  # glance.FULL_CHUNKS
-    hash_in_thread: bool = True  # glance.HASH_IN_THREAD
+    full_chunks: bool = True  # glance.DownloadTuning.full_chunks
+    hash_in_thread: bool = True  # glance.DownloadTuning.hash_in_thread
     max_clones: int | None = None  # CacheSettings.max_clones (None: the product's default)
     tee: bool = True  # CacheSettings.tee: a cold deploy's disk written during the download
-    writeback: bool = True  # FileVG.writeback: each chunk's writeback started as it lands
-    reserve: bool = True  # FileVG.reserve: a partial disk's room taken up front (fallocate)
+    writeback: bool = True  # FileVGSettings.writeback: each chunk's writeback started as it lands
+    preallocate: bool = True  # FileVGSettings.preallocate: a partial disk's room taken up front
 
 
 @dataclass(slots=True)
@@ -111,8 +110,10 @@ class _CountingSink:
 
 
 class TracingGlance(GlanceClient):
-    def __init__(self, url: str, tracer: Tracer) -> None:
-        super().__init__(url)
+    def __init__(self, job: Job, tracer: Tracer) -> None:
+        o = job.options
+        tuning = DownloadTuning(full_chunks=o.full_chunks, hash_in_thread=o.hash_in_thread)
+        super().__init__(job.glance_url, tuning=tuning)
         self.tracer = tracer
 
     async def download(self, image: ImageInfo, sink: Sink) -> int:
@@ -128,9 +129,10 @@ def _settings(job: Job) -> CacheSettings:
 def _vg(job: Job, root: Path | None = None) -> FileVG:
     root = Path(job.vg) if root is None else root
     o = job.options
-    return FileVG(
-        root, sparse=o.sparse, clone_method=o.clone, writeback=o.writeback, reserve=o.reserve
+    settings = FileVGSettings(
+        sparse=o.sparse, clone_method=o.clone, writeback=o.writeback, preallocate=o.preallocate
     )
+    return FileVG(root, settings)
 
 
 def _plan(job: Job) -> list[tuple[str, str]]:
@@ -139,7 +141,7 @@ def _plan(job: Job) -> list[tuple[str, str]]:
 
 
 async def _cache_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
-    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), _settings(job))
+    cache = ImageCache(_vg(job), TracingGlance(job, tracer), _settings(job))
 
     async def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
         r = await cache.deploy(image_id, inst)
@@ -162,7 +164,7 @@ async def _no_cache_one(
 
 
 async def _no_cache_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
-    glance, vg = TracingGlance(job.glance_url, tracer), _vg(job)
+    glance, vg = TracingGlance(job, tracer), _vg(job)
 
     async def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
         r = await _no_cache_one(glance, vg, image_id, inst)
@@ -208,11 +210,11 @@ def _lock_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
 
     def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
         start = time.monotonic()
-        cached = root / f"i_{image_id[:13].replace('-', '_')}"
+        cached = root / next(cache_disk_names(image_id))
         result = "hit"
         with locks[image_id]:  # check-or-download, one thread at a time per image
             if not cached.exists():
-                part = root / f"p_{image_id[:13].replace('-', '_')}"
+                part = root / partial_disk_name()
                 _http_download(job.glance_url, image_id, part, tracer)
                 part.rename(cached)
                 result = "miss"
@@ -234,20 +236,20 @@ async def _single(job: Job, tracer: Tracer) -> dict[str, Any]:
     deploy of the first image, then ``warm`` warm ones."""
     image_id = next(iter(job.images))
     if job.mode == "no-cache":
-        glance, vg = TracingGlance(job.glance_url, tracer), _vg(job)
+        glance, vg = TracingGlance(job, tracer), _vg(job)
         try:
             _, disk, seconds, _ = await _no_cache_one(glance, vg, image_id, str(uuid.uuid4()))
         finally:
             await glance.close()
         return {"deploys": [[image_id, disk, seconds, "miss"]], "cold_seconds": seconds}
     ingest_vg = Path(f"{job.vg}-ingest")
-    cache = ImageCache(_vg(job, ingest_vg), TracingGlance(job.glance_url, tracer), _settings(job))
+    cache = ImageCache(_vg(job, ingest_vg), TracingGlance(job, tracer), _settings(job))
     try:
         ensured = await cache.ensure(image_id)
     finally:
         await cache.close()
         shutil.rmtree(ingest_vg, ignore_errors=True)
-    cache = ImageCache(_vg(job), TracingGlance(job.glance_url, tracer), _settings(job))
+    cache = ImageCache(_vg(job), TracingGlance(job, tracer), _settings(job))
     try:
         first = await cache.deploy(image_id, str(uuid.uuid4()))
         deploys = [[image_id, first.disk, first.seconds, first.result.value]]
@@ -289,8 +291,6 @@ def _cpu() -> float:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    glance_module.FULL_CHUNKS = job.options.full_chunks
-    glance_module.HASH_IN_THREAD = job.options.hash_in_thread
     rss_before = _rss_mib("VmRSS")
     tracer = Tracer()
     cpu0, t0 = _cpu(), time.monotonic()
