@@ -36,10 +36,11 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from .aio import complete_or_undo, finish
 from .errors import (
     CacheError,
     DiskExists,
@@ -139,7 +140,7 @@ class _Rider:
 
     async def hand_over(self, copy: PartialDisk) -> None:
         if self.left:
-            await _finish(copy.discard())
+            await finish(copy.discard())
         else:
             self._copy = copy
 
@@ -150,7 +151,7 @@ class _Rider:
     async def leave(self) -> None:
         self.left = True
         if (copy := self.take()) is not None:
-            await _finish(copy.discard())
+            await finish(copy.discard())
 
 
 class _Tee:
@@ -192,7 +193,7 @@ class _Tee:
         assert self.copy is not None
         copy, self.copy = self.copy, None
         log.info("stopped writing %s alongside the download: %s", copy.name, why)
-        await _finish(copy.discard())
+        await finish(copy.discard())
 
 
 class ImageCache:
@@ -308,7 +309,7 @@ class ImageCache:
                     if entry is None:
                         continue
                     # a cancelled deploy leaves no disk: the clone (a thread) ends, then is undone
-                    await _complete_or_undo(
+                    await complete_or_undo(
                         self._clone(image_id, entry.cache_disk, disk), lambda: self.vg.delete(disk)
                     )
                 cache_disk = entry.cache_disk
@@ -635,9 +636,9 @@ class ImageCache:
     async def _publish_copy(self, image_id: str, copy: PartialDisk, disk: str) -> None:
         try:
             # a cancelled deploy leaves no disk: the publish (threads) ends, then is undone
-            await _complete_or_undo(copy.publish(disk), lambda: self.vg.delete(disk))
+            await complete_or_undo(copy.publish(disk), lambda: self.vg.delete(disk))
         except BaseException:
-            await _finish(copy.discard())
+            await finish(copy.discard())
             raise
         await self._touch_or_undo(image_id, disk)
 
@@ -651,7 +652,7 @@ class ImageCache:
         try:
             await self._db(self._index.touch, image_id, time.time())
         except BaseException:
-            await _finish(self.vg.delete(disk))
+            await finish(self.vg.delete(disk))
             raise
 
     async def _ready(self, image_id: str) -> CacheEntry | None:
@@ -689,7 +690,7 @@ class ImageCache:
                 try:
                     fetched, copy = await self._download(self.glance, info, entry, rider)
                 except BaseException:
-                    await _finish(self._db(self._index.delete, image_id))
+                    await finish(self._db(self._index.delete, image_id))
                     raise
                 now = time.time()
                 try:
@@ -697,9 +698,9 @@ class ImageCache:
                 except BaseException:
                     # unrecorded, the published disk would be nobody's (the index is what makes
                     # a disk the cache's own), so it goes too
-                    await _finish(self._unpublish(entry))
+                    await finish(self._unpublish(entry))
                     if copy is not None:
-                        await _finish(copy.discard())
+                        await finish(copy.discard())
                     raise
                 cached = True
                 if copy is not None:
@@ -823,9 +824,9 @@ class ImageCache:
                     fetched = await glance.download(info, meter.sink(sink))
                 await self._publish_cache_disk(partial, entry.cache_disk, identity)
             except BaseException:
-                await _finish(partial.discard())
+                await finish(partial.discard())
                 if tee is not None and tee.copy is not None:
-                    await _finish(tee.copy.discard())
+                    await finish(tee.copy.discard())
                 raise
         return fetched, None if tee is None else tee.copy
 
@@ -846,7 +847,7 @@ class ImageCache:
             log.warning(
                 "%s already holds image %s, verified by another writer", name, identity.image_id
             )
-            await _finish(partial.discard())
+            await finish(partial.discard())
 
 
 def _plausible(entry: CacheEntry) -> bool:
@@ -871,33 +872,3 @@ def _unlink_held(lock: FileLock) -> None:
     """Remove a lock file while holding it exclusively; waiters notice and use a new one."""
     assert lock.held and not lock.shared
     lock.path.unlink(missing_ok=True)
-
-
-async def _complete_or_undo(
-    work: Coroutine[Any, Any, T], undo: Callable[[], Coroutine[Any, Any, Any]]
-) -> T:
-    """Await ``work``; if the caller is cancelled meanwhile, let it end, undo it, re-raise.
-
-    For work that runs on in a thread whatever the caller does (a clone): the caller returns
-    only once it is over, and a cancelled caller leaves nothing of it behind.
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
-        if not task.cancelled() and task.exception() is None:
-            await _finish(undo())
-        raise
-
-
-async def _finish(cleanup: Coroutine[Any, Any, Any]) -> None:
-    """Run clean-up to its end even if the task is cancelled again meanwhile."""
-    task = asyncio.ensure_future(cleanup)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
