@@ -155,7 +155,7 @@ class Index:
 
     def adopt(self, entry: CacheEntry) -> bool:
         """Enter a ready disk found in the VG; False when the image or the name has an entry."""
-        return self.reserve(entry)
+        return self.insert(entry)
 
     def get(self, image_id: str) -> CacheEntry | None:
         with self._using():
@@ -169,8 +169,8 @@ class Index:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM images ORDER BY image_id").fetchall()
         return [_entry(r) for r in rows]
 
-    def reserve(self, entry: CacheEntry) -> bool:
-        """Insert a new entry; False when its cache disk name belongs to another image."""
+    def insert(self, entry: CacheEntry) -> bool:
+        """Insert a new entry; False when the image or its cache disk name has one already."""
         with self._using():
             try:
                 self._db.execute(

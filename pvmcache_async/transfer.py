@@ -505,6 +505,11 @@ class ImageCache:
         await self.mark_used(busy, as_of)
         return PruneResult(removed=removed, kept=[e.cache_disk for e in kept])
 
+    async def settle(self) -> None:
+        """Wait until the downloads under way in this process have ended, however they end
+        (a download whose callers have all left runs on to its end)."""
+        await self._flights.settle()
+
     async def close(self) -> None:
         """Cancel downloads in flight (their partial disks are discarded) and release all."""
         await self._flights.cancel_all()
@@ -686,7 +691,7 @@ class ImageCache:
                     cached = True
                     return _Fill(entry, Outcome.JOINED if waited else Outcome.HIT, 0)
                 info = await self.glance.get_image(image_id)
-                entry = await self._reserve(info)
+                entry = await self._record_filling(info)
                 try:
                     fetched, copy = await self._download(self.glance, info, entry, rider)
                 except BaseException:
@@ -778,7 +783,7 @@ class ImageCache:
         finally:
             self._claims.remove(claim)
 
-    async def _reserve(self, info: ImageInfo) -> CacheEntry:
+    async def _record_filling(self, info: ImageInfo) -> CacheEntry:
         """Record a ``filling`` entry under the first cache disk name that is free."""
         now = time.time()
         for name in itertools.islice(cache_disk_names(info.id), MAX_CACHE_NAMES):
@@ -794,7 +799,7 @@ class ImageCache:
                 now,
                 EntryState.FILLING,
             )
-            if await self._db(self._index.reserve, entry):
+            if await self._db(self._index.insert, entry):
                 return entry
         raise StorageError(
             f"all {MAX_CACHE_NAMES} cache disk names of the image are taken", image_id=info.id
