@@ -134,40 +134,44 @@ class ImageCache:
         instance = validate_instance_uuid(instance_uuid)
         await self._begin()
         async with self._locks.using(image_id):
-            start = time.monotonic()
             with _about(image_id):
-                disk = await self._new_instance_disk(image_id, instance)
-                outcome: Outcome | None = None
-                fetched = 0
-                for attempt in range(3):  # an operator's rm of the cache disk may slip in
-                    target = TeeTarget(disk) if attempt == 0 and self.settings.tee else None
-                    ensured, copy = await self._ensure_taking(image_id, target)
-                    # a download on any attempt is this deploy's miss, and all its bytes count
-                    if outcome is None or ensured.result is Outcome.MISS:
-                        outcome = ensured.result
-                    fetched += ensured.bytes_fetched
-                    if copy is not None:  # the download wrote this deploy's disk too
-                        await self._publish_copy(image_id, copy, disk)
-                        cache_disk: str | None = ensured.cache_disk
-                    else:
-                        cache_disk = await self._clone(image_id, disk)
-                    if cache_disk is not None:
-                        return DeployResult(
-                            image_id=image_id,
-                            instance=instance,
-                            disk=disk,
-                            cache_disk=cache_disk,
-                            result=outcome,
-                            bytes_fetched=fetched,
-                            seconds=time.monotonic() - start,
-                        )
+                return await self._deploy(image_id, instance)
+
+    # -- the steps of a deploy, in order ------------------------------------------------
+
+    async def _deploy(self, image_id: str, instance: str) -> DeployResult:
+        """``deploy``, holding the image's use lock: no removal can take its cache disk."""
+        start = time.monotonic()
+        disk = await self._new_instance_disk(image_id, instance)
+        outcome: Outcome | None = None
+        fetched = 0
+        for attempt in range(3):  # an operator's rm of the cache disk may slip in meanwhile
+            target = TeeTarget(disk) if attempt == 0 and self.settings.tee else None
+            ensured, copy = await self._ensure_taking(image_id, target)
+            # a download on any attempt is this deploy's miss, and all its bytes count
+            if outcome is None or ensured.result is Outcome.MISS:
+                outcome = ensured.result
+            fetched += ensured.bytes_fetched
+            if copy is not None:  # the download wrote this deploy's disk too: no clone
+                await self._publish_copy(image_id, copy, disk)
+                cache_disk: str | None = ensured.cache_disk
+            else:
+                cache_disk = await self._clone(image_id, disk)
+            if cache_disk is not None:
+                return DeployResult(
+                    image_id=image_id,
+                    instance=instance,
+                    disk=disk,
+                    cache_disk=cache_disk,
+                    result=outcome,
+                    bytes_fetched=fetched,
+                    seconds=time.monotonic() - start,
+                )
         raise CacheError(
             "its cache disk was removed from under the deploy three times "
             "(by something other than this cache's prune)",
             image_id=image_id,
         )
-
-    # -- the steps of a deploy, in order ------------------------------------------------
 
     async def _new_instance_disk(self, image_id: str, instance: str) -> str:
         """The instance's disk name, refused if a disk (or a symlink) is there already."""
