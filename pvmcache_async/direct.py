@@ -12,6 +12,7 @@ is discarded, so nothing unverified is ever visible under the instance's disk na
 
 from __future__ import annotations
 
+from .aio import finish
 from .errors import DiskExists
 from .glance import GlanceClient
 from .names import (
@@ -21,7 +22,6 @@ from .names import (
     validate_instance_uuid,
 )
 from .storage import VolumeGroup
-from .transfer import _finish  # the core's clean-up that a second cancellation cannot cut
 
 
 async def stream_disk(
@@ -43,6 +43,6 @@ async def stream_disk(
         fetched = await glance.download(info, partial)
         await partial.publish(disk)
     except BaseException:
-        await _finish(partial.discard())
+        await finish(partial.discard())
         raise
     return disk, fetched

@@ -12,13 +12,13 @@ State that can be lost: the index is a cache of what the disks themselves record
 cache has re-entered its disks from the VG (``ImageCache``, at its first call).
 
 A full volume group: a WAL database cannot even be read when its shared-memory file cannot be
-made (SQLITE_IOERR_SHMSIZE on a full filesystem, measured). Then the index is opened again in
+made (SQLITE_IOERR_SHMSIZE on a full filesystem). Then the index is opened again in
 exclusive locking mode, in which sqlite keeps that memory on the heap and needs no file: the
 listing and pruning process then has the index to itself (others wait, up to the busy timeout)
 until it closes. A write still needs room in the WAL, so the cache deletes disks first and
 writes the index after; temporary tables stay in memory. (A rollback journal would need no
-such fallback, but costs an fsync'd journal per write: 7.7 ms against 0.07 ms per touch,
-measured on ext4.) The index file and its WAL are never opened through a symbolic link.
+such fallback, but costs an fsync'd journal per write, far slower per touch: see
+benchmarks/README.md.) The index file and its WAL are never opened through a symbolic link.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class Index:
 
     def adopt(self, entry: CacheEntry) -> bool:
         """Enter a ready disk found in the VG; False when the image or the name has an entry."""
-        return self.reserve(entry)
+        return self.insert(entry)
 
     def get(self, image_id: str) -> CacheEntry | None:
         with self._using():
@@ -169,8 +169,8 @@ class Index:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM images ORDER BY image_id").fetchall()
         return [_entry(r) for r in rows]
 
-    def reserve(self, entry: CacheEntry) -> bool:
-        """Insert a new entry; False when its cache disk name belongs to another image."""
+    def insert(self, entry: CacheEntry) -> bool:
+        """Insert a new entry; False when the image or its cache disk name has one already."""
         with self._using():
             try:
                 self._db.execute(

@@ -67,6 +67,12 @@ class SingleFlight(Generic[K, V]):
         if not task.cancelled():
             task.exception()  # retrieved here so an error nobody awaited is not logged as lost
 
+    async def settle(self) -> None:
+        """Wait until every flight under way now has ended, however it ends; raises nothing.
+        Cancelling the caller ends its wait, not the flights (``asyncio.wait`` cancels none)."""
+        if self._flights:
+            await asyncio.wait(list(self._flights.values()))
+
     async def cancel_all(self) -> None:
         """Cancel every flight and wait until each has finished its clean-up."""
         tasks = list(self._flights.values())
@@ -183,6 +189,17 @@ class FileLock:
         if fd is not None:
             os.close(fd)
 
+    def unlink_and_release(self) -> None:
+        """Remove the lock file, then release it; held exclusively, so no one else holds it.
+
+        A holder waiting on the old file notices it is gone and locks a new one (see
+        ``try_acquire``), so removing a held lock file is safe where keeping it is not wanted.
+        """
+        if self._fd is None or self.shared:
+            raise RuntimeError(f"lock {self.path} must be held exclusively to be removed")
+        self.path.unlink(missing_ok=True)
+        self.release()
+
     async def __aenter__(self) -> FileLock:
         await self.acquire()
         return self
@@ -218,8 +235,7 @@ class OwnerLocks:
     @staticmethod
     def disown(owner: FileLock) -> None:
         """Remove the owner file, then let go (its disk must be gone or published)."""
-        owner.path.unlink(missing_ok=True)  # held: a new owner of the name locks a new file
-        owner.release()
+        owner.unlink_and_release()  # held: a new owner of the name locks a new file
 
     @staticmethod
     def name_of(owner: FileLock) -> str:

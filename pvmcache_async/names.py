@@ -34,7 +34,7 @@ INSTANCE_PREFIX = "b_"
 PARTIAL_PREFIX = "p_"
 CLONE_PREFIX = "t_"
 _BODY = MAX_DISK_NAME - 2
-# the cache disk names an image may have: its short uuid, then hashed ones (see _reserve)
+# the cache disk names an image may have: its short uuid, then hashed ones (see ingest)
 MAX_CACHE_NAMES = 64
 _CACHE_NAME = re.compile(r"i_[a-z0-9_]{13}")
 _RANDOM_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"

@@ -213,7 +213,7 @@ async def test_a_pass_clears_what_a_crashed_download_left(tmp_path: Path) -> Non
     index = Index(vg.state_dir / "index.sqlite")  # as a process that died mid-download left it
     entry = CacheEntry(img, next(cache_disk_names(img)), MiB, "sha512", "0" * 128, 1.0, 1.0,
                        EntryState.FILLING)  # fmt: skip
-    assert index.reserve(entry)
+    assert index.insert(entry)
     index.close()
     (tmp_path / "vg" / partial_disk_name()).write_bytes(b"\0" * 4096)  # its owner is dead
     cache = ImageCache(vg)

@@ -136,9 +136,7 @@ class CacheMachine(RuleBasedStateMachine):
             task.cancel()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         # a download whose waiters were all cancelled runs on: let it end before the checks
-        flight = self.cache._flights._flights.get(image)
-        if flight is not None:
-            await asyncio.wait([flight])
+        await self.cache.settle()
         return [(o, i < cancelled) for i, o in enumerate(outcomes)]
 
     @rule(which=st.integers(0, 1))
