@@ -294,6 +294,11 @@ def _open_cache(args: argparse.Namespace) -> ImageCache:
     return ImageCache(vg, glance, settings)
 
 
+def _result_json(result: Any) -> dict[str, Any]:
+    """A deploy's or prefetch's line of --json: the outcome under its pinned key "result"."""
+    return {("result" if k == "outcome" else k): v for k, v in asdict(result).items()}
+
+
 def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
@@ -396,7 +401,7 @@ async def _each(
                 log.exception("failed")
             print(f"{PROG}: {exc}", file=sys.stderr)
             continue
-        session.out(json.dumps(asdict(result)) if args.json else human(result))
+        session.out(json.dumps(_result_json(result)) if args.json else human(result))
     return 1 if failures else 0
 
 
@@ -485,7 +490,7 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
                 [bars.track(args.image_id, cache.deploy(args.image_id, i)) for i in args.instance],
                 lambda r: (
                     f"instance {r.instance}: disk {r.disk} cloned from {r.cache_disk} "
-                    f"({r.result}, {r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
+                    f"({r.outcome}, {r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
                 ),
                 args,
             )
@@ -494,7 +499,7 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
                 session,
                 [bars.track(i, cache.ensure(i)) for i in args.image_ids],
                 lambda r: (
-                    f"image {r.image_id}: {r.cache_disk} ({r.result}, "
+                    f"image {r.image_id}: {r.cache_disk} ({r.outcome}, "
                     f"{r.bytes_fetched} bytes fetched, {r.seconds:.2f} s)"
                 ),
                 args,

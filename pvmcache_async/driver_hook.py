@@ -232,7 +232,7 @@ class DriverHook:
         if not self.active:
             raise NotImplementedError("the pvmcache image cache is off on this host")
         result = self._with_cache(lambda cache: cache.ensure(image_id), context)
-        return bool(result.result is Outcome.MISS)
+        return bool(result.outcome is Outcome.MISS)
 
     def create_disk_from_image(
         self, context: Any, instance: Any, image_meta: Any

@@ -92,7 +92,7 @@ class FakeImageCacheDriver(ImageCacheDriverMixin, fake.FakeDriver):  # type: ign
     def _make_disk(self, context: Any, instance: Any, image_meta: Any) -> None:
         made = self.create_disk_from_image(context, instance, image_meta)
         if made is not None:
-            what = f"cloned from {made.cache_disk} ({made.result.value})"
+            what = f"cloned from {made.cache_disk} ({made.outcome.value})"
             log.info("instance %s: disk %s %s", instance.uuid, made.disk, what)
             return
         with build_errors(image_meta):  # the cache is off: the disk is made our own way

@@ -52,8 +52,8 @@ class EnsureResult:
 
     image_id: str
     cache_disk: str
-    result: Outcome
-    bytes_fetched: int  # bytes this call read from Glance: 0 unless result is MISS
+    outcome: Outcome
+    bytes_fetched: int  # bytes this call read from Glance: 0 unless the outcome is MISS
     seconds: float
 
 
@@ -65,7 +65,7 @@ class DeployResult:
     instance: str
     disk: str  # the instance disk's name in the VG
     cache_disk: str
-    result: Outcome
+    outcome: Outcome
     bytes_fetched: int
     seconds: float
 

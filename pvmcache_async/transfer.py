@@ -149,8 +149,8 @@ class ImageCache:
             target = TeeTarget(disk) if attempt == 0 and self.settings.tee else None
             ensured, copy = await self._ensure_taking(image_id, target)
             # a download on any attempt is this deploy's miss, and all its bytes count
-            if outcome is None or ensured.result is Outcome.MISS:
-                outcome = ensured.result
+            if outcome is None or ensured.outcome is Outcome.MISS:
+                outcome = ensured.outcome
             fetched += ensured.bytes_fetched
             if copy is not None:  # the download wrote this deploy's disk too: no clone
                 await self._publish_copy(image_id, copy, disk)
@@ -163,7 +163,7 @@ class ImageCache:
                     instance=instance,
                     disk=disk,
                     cache_disk=cache_disk,
-                    result=outcome,
+                    outcome=outcome,
                     bytes_fetched=fetched,
                     seconds=time.monotonic() - start,
                 )

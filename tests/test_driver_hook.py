@@ -69,7 +69,7 @@ def test_the_facade_from_many_threads_at_once_downloads_each_image_once(
         fetched = [results[(i, n)] for n in range(4)]
         deploys = [results[(i, n)] for n in range(4, 12)]
         # True only for the call that itself downloaded (it may have been a deploy)
-        assert fetched.count(True) + [d.result for d in deploys].count("miss") == 1
+        assert fetched.count(True) + [d.outcome for d in deploys].count("miss") == 1
         for d in deploys:
             assert (nova_conf / d.disk).read_bytes() == data[i]
     assert len(_loop_threads()) == 1  # one loop serves every thread
@@ -296,7 +296,7 @@ def test_a_cached_image_deploys_even_when_the_glance_endpoint_cannot_be_found(
     try:
         meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
         deployed = restarted.create_disk_from_image(nova_db, make_instance(nova_db, img), meta)
-        assert deployed is not None and deployed.result == "hit"
+        assert deployed is not None and deployed.outcome == "hit"
         with pytest.raises(GlanceError, match="no Glance endpoint"):  # a miss still says why
             restarted.cache_image(nova_db, str(uuid.uuid4()))
     finally:

@@ -140,7 +140,7 @@ async def test_a_flipped_byte_fails_every_waiter_and_the_next_deploy_starts_afre
     assert len(proxy.file_gets(img)) == 1  # a digest mismatch is not retried
 
     again = await cache.deploy(img, str(uuid.uuid4()))
-    assert again.result is Outcome.MISS
+    assert again.outcome is Outcome.MISS
     assert proxy.file_gets(img)[-1].range is None  # downloaded afresh from byte 0
     _assert_vg_clean(tmp_path / "vg", {img: data}, {again.disk: img})
 
@@ -503,7 +503,7 @@ async def test_a_deploy_cancelled_mid_clone_leaves_no_instance_disk(
             await task
         assert [n for n in vg_files(tmp_path / "vg") if not n.startswith("i_")] == []
         kept = await cache.deploy(img, str(uuid.uuid4()))  # the cache disk itself stays
-        assert kept.result is Outcome.HIT
+        assert kept.outcome is Outcome.HIT
     finally:
         vg.go.set()
         await cache.close()

@@ -387,7 +387,7 @@ async def test_a_removal_cannot_take_the_cache_disk_from_a_deploy_under_way(
         await pruner.close()
 
     assert removed == [False]
-    assert (deployed.result.value, deployed.bytes_fetched) == ("hit", 0)
+    assert (deployed.outcome.value, deployed.bytes_fetched) == ("hit", 0)
     assert (tmp_path / "vg" / deployed.disk).read_bytes() == data
 
 
@@ -401,7 +401,7 @@ async def test_a_deploy_that_downloads_again_after_its_cache_disk_vanished_says_
 
     deployed = await _deploy_with_hook(glance_server, tmp_path / "vg", data, 2, rm)
 
-    assert (deployed.result.value, deployed.bytes_fetched) == ("miss", len(data))
+    assert (deployed.outcome.value, deployed.bytes_fetched) == ("miss", len(data))
     assert glance_server.file_requests(deployed.image_id) == 2
     assert (tmp_path / "vg" / deployed.disk).read_bytes() == data
 
@@ -553,7 +553,7 @@ async def test_an_interrupted_deploy_leaves_nothing_and_the_instance_deploys_aga
         assert [e.state.value for e in await cache.entries()] == ["ready"]
     finally:
         await cache.close()
-    assert (again.result.value, again.disk) == ("miss", instance_disk_name(inst))
+    assert (again.outcome.value, again.disk) == ("miss", instance_disk_name(inst))
     assert (root / again.disk).read_bytes() == data
 
 

@@ -311,7 +311,7 @@ async def test_miss_creates_partial_streams_then_renames_after_the_digest_matche
 
     partial = pvm.ops()[0][1]
     assert partial.startswith(PARTIAL_PREFIX)  # a name of this writer's own
-    assert result.result is Outcome.MISS and result.bytes_fetched == len(data)
+    assert result.outcome is Outcome.MISS and result.bytes_fetched == len(data)
     assert pvm.ops() == [
         ("create", partial),
         ("upload", partial, str(len(data))),
@@ -334,7 +334,7 @@ async def test_hit_uploads_nothing_and_copies_once(
 
     deployed = await cache.deploy(image, instance)
 
-    assert deployed.result is Outcome.HIT and deployed.bytes_fetched == 0
+    assert deployed.outcome is Outcome.HIT and deployed.bytes_fetched == 0
     assert pvm.ops() == [("copy", cache_disk, instance_disk_name(instance))]
     assert pvm.content(deployed.disk) == data
     assert glance_server.file_requests(image) == 1
@@ -350,7 +350,7 @@ async def test_concurrent_deploys_download_once_and_copy_each(
     results = await asyncio.gather(*(cache.deploy(image, i) for i in instances))
 
     assert glance_server.file_requests(image) == 1
-    assert sorted(r.result.value for r in results).count("miss") == 1
+    assert sorted(r.outcome.value for r in results).count("miss") == 1
     assert [c[0] for c in pvm.ops()].count("upload") == 1
     assert [c[0] for c in pvm.ops()].count("copy") == len(instances)
     for r in results:
@@ -367,7 +367,7 @@ async def test_a_storm_of_warm_deploys_shares_its_looks_at_the_vg(
 
     results = await asyncio.gather(*(cache.deploy(image, i) for i in instances))
 
-    assert {r.result for r in results} == {Outcome.HIT}
+    assert {r.outcome for r in results} == {Outcome.HIT}
     assert [c[0] for c in pvm.ops()].count("copy") == len(instances)
     # a deploy looks at the VG four times (is its disk free? the image's disk there, before
     # and under the lock; the source's udid) and pypowervm's copy reads it once more for its
@@ -456,7 +456,7 @@ async def test_uuids_sharing_their_first_12_hex_digits_get_distinct_disks(
     assert ensured[0].cache_disk != ensured[1].cache_disk
     for d in deployed:
         assert pvm.content(d.disk) == data[d.image_id]
-        assert d.result is Outcome.HIT
+        assert d.outcome is Outcome.HIT
 
 
 async def test_partial_left_by_a_crash_is_removed_and_never_cloned(
@@ -827,6 +827,6 @@ async def test_a_lost_index_is_rebuilt_from_the_disks_labels(
         deployed = await again.deploy(image, str(uuid.uuid4()))
     finally:
         await again.close()
-    assert deployed.result is Outcome.HIT
+    assert deployed.outcome is Outcome.HIT
     assert pvm.content(deployed.disk) == data
     assert glance_server.file_requests(image) == 1

@@ -107,7 +107,7 @@ class CacheMachine(RuleBasedStateMachine):
         for outcome, was_cancelled in results:
             if isinstance(outcome, DeployResult):
                 assert was_cached or injected.error is None, (injected, outcome)
-                assert outcome.result is Outcome.HIT or not was_cached
+                assert outcome.outcome is Outcome.HIT or not was_cached
                 self.disks[outcome.disk] = image
             elif isinstance(outcome, asyncio.CancelledError):
                 assert was_cancelled

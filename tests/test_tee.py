@@ -94,13 +94,13 @@ async def test_a_cold_deploy_writes_its_disk_during_the_download_and_clones_noth
     cache = _cache(vg, glance_server.url)
     try:
         cold = await cache.deploy(img, str(uuid.uuid4()))
-        assert cold.result is Outcome.MISS and cold.bytes_fetched == len(data)
+        assert cold.outcome is Outcome.MISS and cold.bytes_fetched == len(data)
         assert (vg.copies, vg.clones) == (1, 0)
         # written sparse like the cache disk: the image's zero runs are holes in it too
         assert os.stat(vg.path_of(cold.disk)).st_blocks * 512 < len(data) * 0.8
 
         warm = await cache.deploy(img, str(uuid.uuid4()))
-        assert warm.result is Outcome.HIT and (vg.copies, vg.clones) == (1, 1)
+        assert warm.outcome is Outcome.HIT and (vg.copies, vg.clones) == (1, 1)
     finally:
         await cache.close()
     _assert_only(tmp_path / "vg", data, cold.cache_disk, [cold.disk, warm.disk])
@@ -117,7 +117,7 @@ async def test_only_the_deploy_that_starts_the_download_rides_on_it(
         results = await asyncio.gather(*(cache.deploy(img, str(uuid.uuid4())) for _ in range(6)))
     finally:
         await cache.close()
-    assert [r.result for r in results].count(Outcome.MISS) == 1
+    assert [r.outcome for r in results].count(Outcome.MISS) == 1
     assert len(proxy.file_gets(img)) == 1
     assert (vg.copies, vg.clones) == (1, 5)
     _assert_only(tmp_path / "vg", data, results[0].cache_disk, [r.disk for r in results])
@@ -147,7 +147,7 @@ async def test_a_starting_deploy_cancelled_mid_download_leaves_no_disk_and_the_r
         results = await asyncio.gather(*others)
     finally:
         await cache.close()
-    assert [r.result for r in results] == [Outcome.JOINED] * 3
+    assert [r.outcome for r in results] == [Outcome.JOINED] * 3
     assert len(proxy.file_gets(img)) == 1  # the cancellation did not restart the download
     assert (vg.copies, vg.clones) == (1, 3)
     _assert_only(root, data, results[0].cache_disk, [r.disk for r in results])
@@ -164,7 +164,7 @@ async def test_a_copy_that_cannot_be_written_is_dropped_and_the_deploy_clones_in
         cold = await cache.deploy(img, str(uuid.uuid4()))
     finally:
         await cache.close()
-    assert cold.result is Outcome.MISS and (vg.copies, vg.clones) == (1, 1)
+    assert cold.outcome is Outcome.MISS and (vg.copies, vg.clones) == (1, 1)
     _assert_only(tmp_path / "vg", data, cold.cache_disk, [cold.disk])
 
 
@@ -179,5 +179,5 @@ async def test_with_the_tee_off_the_first_deploy_clones_like_the_rest(
         cold = await cache.deploy(img, str(uuid.uuid4()))
     finally:
         await cache.close()
-    assert cold.result is Outcome.MISS and (vg.copies, vg.clones) == (0, 1)
+    assert cold.outcome is Outcome.MISS and (vg.copies, vg.clones) == (0, 1)
     _assert_only(tmp_path / "vg", data, cold.cache_disk, [cold.disk])

@@ -59,9 +59,9 @@ async def test_storm_of_deploys_downloads_each_image_once(
     for img in images:
         assert glance_server.file_requests(img) == 1
         mine = [r for r in results if r.image_id == img]
-        assert [r.result for r in mine].count(Outcome.MISS) == 1
+        assert [r.outcome for r in mine].count(Outcome.MISS) == 1
         # the rest waited on that download, or (arriving after it) found the disk cached
-        assert {r.result for r in mine} <= {Outcome.MISS, Outcome.JOINED, Outcome.HIT}
+        assert {r.outcome for r in mine} <= {Outcome.MISS, Outcome.JOINED, Outcome.HIT}
         assert sum(r.bytes_fetched for r in mine) == len(data[img])
     for r in results:
         disk = (tmp_path / "vg" / r.disk).read_bytes()
@@ -75,7 +75,7 @@ async def test_a_later_deploy_is_a_hit_that_fetches_nothing(
     img = glance_server.create_image(disk_image(MiB, seed=7))
     first = await cache.deploy(img, str(uuid.uuid4()))
     later = await cache.deploy(img, str(uuid.uuid4()))
-    assert (first.result, later.result) == (Outcome.MISS, Outcome.HIT)
+    assert (first.outcome, later.outcome) == (Outcome.MISS, Outcome.HIT)
     assert later.bytes_fetched == 0
     assert later.cache_disk == first.cache_disk == "i_" + img[:13].replace("-", "_")
     assert glance_server.file_requests(img) == 1
@@ -98,8 +98,8 @@ async def test_room_promised_to_a_download_under_way_is_not_promised_again(
     assert glance_server.file_requests(b) == 0 and vg.partials_created == 1
 
     vg.gate.set()
-    assert (await first).result is Outcome.MISS
-    assert (await gated.ensure(b)).result is Outcome.MISS  # nothing is promised any more
+    assert (await first).outcome is Outcome.MISS
+    assert (await gated.ensure(b)).outcome is Outcome.MISS  # nothing is promised any more
 
 
 async def test_an_error_reaches_every_waiter_and_the_next_call_retries(
@@ -117,7 +117,7 @@ async def test_an_error_reaches_every_waiter_and_the_next_call_retries(
 
     vg.full = False
     again = await gated.ensure(img)
-    assert again.result is Outcome.MISS
+    assert again.outcome is Outcome.MISS
     assert glance_server.file_requests(img) == 1
 
 
@@ -171,7 +171,7 @@ async def test_two_images_sharing_a_name_prefix_are_never_confused(
     for result, blob in zip(r, data, strict=True):
         assert (tmp_path / "vg" / result.disk).read_bytes() == blob
     again = await cache.deploy(ids[1], str(uuid.uuid4()))
-    assert (again.result, again.cache_disk) == (Outcome.HIT, r[1].cache_disk)
+    assert (again.outcome, again.cache_disk) == (Outcome.HIT, r[1].cache_disk)
 
 
 async def test_an_instance_disk_is_never_overwritten(
@@ -223,6 +223,6 @@ async def test_bounded_downloads_still_serve_every_image(
     try:
         imgs = [glance_server.create_image(disk_image(MiB, seed=20 + i)) for i in range(3)]
         results = await asyncio.gather(*(cache.deploy(i, str(uuid.uuid4())) for i in imgs * 3))
-        assert sorted(r.result for r in results).count(Outcome.MISS) == 3
+        assert sorted(r.outcome for r in results).count(Outcome.MISS) == 3
     finally:
         await cache.close()

@@ -146,7 +146,7 @@ async def _cache_storm(job: Job, tracer: Tracer) -> dict[str, Any]:
     async def one(image_id: str, inst: str) -> tuple[str, str, float, str]:
         r = await cache.deploy(image_id, inst)
         tracer.disk_done()
-        return image_id, r.disk, r.seconds, r.result.value
+        return image_id, r.disk, r.seconds, r.outcome.value
 
     try:
         done = await asyncio.gather(*(one(i, inst) for i, inst in _plan(job)))
@@ -252,19 +252,19 @@ async def _single(job: Job, tracer: Tracer) -> dict[str, Any]:
     cache = ImageCache(_vg(job), TracingGlance(job, tracer), _settings(job))
     try:
         first = await cache.deploy(image_id, str(uuid.uuid4()))
-        deploys = [[image_id, first.disk, first.seconds, first.result.value]]
+        deploys = [[image_id, first.disk, first.seconds, first.outcome.value]]
         warm = []
         for _ in range(job.warm):
             r = await cache.deploy(image_id, str(uuid.uuid4()))
             warm.append(r.seconds)
-            deploys.append([image_id, r.disk, r.seconds, r.result.value])
+            deploys.append([image_id, r.disk, r.seconds, r.outcome.value])
     finally:
         await cache.close()
     return {
         "deploys": deploys,
         "cold_seconds": first.seconds,
         "ensure_seconds": ensured.seconds,
-        "ensure_result": ensured.result.value,
+        "ensure_result": ensured.outcome.value,
         "warm_seconds": statistics.median(warm) if warm else None,
     }
 
