@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
 from .errors import CacheError, InvalidInput
-from .models import CacheEntry, EntryState
+from .models import CacheEntry, DeployResult, EnsureResult, EntryState
 from .names import validate_image_id
 from .progress import ProgressBoard, ProgressRecord, writer_alive
 
@@ -42,7 +42,7 @@ __all__ = [
     "human_bytes",
 ]
 
-T = TypeVar("T")
+R = TypeVar("R", EnsureResult, DeployResult)
 DisplayMode = Literal["bar", "json", "none"]
 _TICK = 0.2  # seconds between two looks at the downloads
 _JSON_EVERY = 0.5  # at most this often a progress event per image
@@ -87,7 +87,7 @@ class Display:
         self._tasks: dict[str, TaskID] = {}
         self._ticker: asyncio.Task[None] | None = None
 
-    async def track(self, image_id: str, call: Awaitable[T]) -> T:
+    async def track(self, image_id: str, call: Awaitable[R]) -> R:
         """Await ``call`` (an ensure or a deploy of ``image_id``) with its image on show."""
         if self.mode == "none":
             return await call
@@ -104,7 +104,7 @@ class Display:
             raise
         finally:
             self._calls[image_id] -= 1
-        self._outcome.setdefault(image_id, str(getattr(result, "result", "done")))
+        self._outcome.setdefault(image_id, str(result.outcome))
         return result
 
     def _start(self) -> None:
