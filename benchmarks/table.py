@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from pvmcache_async.storm import StormReport, format_report
+from pvmcache_dev.storm import StormReport, format_report
 
 
 def main(argv: list[str]) -> int:

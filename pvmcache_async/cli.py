@@ -33,8 +33,6 @@ from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
 from .models import CacheEntry
 from .names import instance_disk_name, validate_instance_uuid
 from .storage import default_vg_spec, open_vg
-from .storm.modes import MODES as STORM_MODES
-from .storm.modes import NOVA_MODES as NOVA_STORM_MODES
 from .transfer import CacheSettings, ImageCache
 
 PROG = "pvmcache-async"
@@ -45,6 +43,10 @@ N = TypeVar("N", int, float)
 T = TypeVar("T")
 _EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 _MAX_ID_ARG = 100  # a uuid has 36 characters; anything far longer is refused unread
+STORM_MISSING = (
+    "storm is a dev tool: install it with `pip install -e ./dev` from a checkout "
+    "(scripts/bootstrap does)"
+)
 
 
 def _seconds(*, zero: bool) -> Callable[[str], float]:
@@ -214,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--json", action="store_true")
 
-    st = sub.add_parser("storm", help="benchmark a deploy storm on a real local Glance")
+    storm_modes = _storm_modes()
+    st = sub.add_parser(
+        "storm",
+        help="benchmark a deploy storm on a real local Glance",
+        description=None if storm_modes else STORM_MISSING,
+    )
     st.add_argument("--images", type=int, default=4, help="images (default %(default)s)")
     st.add_argument(
         "--image-size",
@@ -231,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument(
         "--modes",
-        help=f"comma-separated modes to run (default {','.join(STORM_MODES)}; "
-        f"through nova: {','.join(NOVA_STORM_MODES)})",
+        help=f"comma-separated modes to run (default {','.join(storm_modes[0])}; "
+        f"through nova: {','.join(storm_modes[1])})"
+        if storm_modes
+        else "comma-separated modes to run (the dev package lists them)",
     )
     st.add_argument(
         "--through",
@@ -255,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--plot", type=Path, metavar="FILE.png", help="draw latencies and a timeline")
     st.add_argument("--json", action="store_true")
     return p
+
+
+def _storm_modes() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The storm's modes and its modes through nova; None where the dev package is missing.
+
+    Only ``storm.modes`` is imported (nothing else): every command builds this parser.
+    """
+    try:
+        from pvmcache_dev.storm.modes import MODES, NOVA_MODES
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("pvmcache_dev", "pvmcache_dev.storm", "pvmcache_dev.storm.modes"):
+            raise  # the dev package is there but broken: not a missing install
+        return None
+    return MODES, NOVA_MODES
 
 
 _SIZE = re.compile(r"(\d+)\s*(?:([kmg])(?:i?b)?)?", re.IGNORECASE)
@@ -421,59 +444,9 @@ def _distinct_instances(instances: Sequence[str]) -> None:
 
 
 async def _storm(args: argparse.Namespace, session: _Session) -> int:
-    from .storm import StormPlan, format_report, run_storm  # only this command needs devglance
+    from pvmcache_dev.storm import command  # the dev package; main checked it is there
 
-    if args.images < 1 or args.deploys < 1:
-        raise InvalidInput("storm needs at least one image and one deploy")
-    known = NOVA_STORM_MODES if args.through == "nova" else STORM_MODES
-    modes = tuple(m.strip() for m in (args.modes or ",".join(known)).split(",") if m.strip())
-    unknown = sorted(set(modes) - set(known))
-    if unknown or not modes:
-        raise InvalidInput(f"unknown storm mode {unknown}: choose from {', '.join(known)}")
-    if args.through == "nova":
-        return await _storm_through_nova(args, modes, session)
-    if args.plot is not None:
-        from .storm.plot import plot, pyplot
-
-        pyplot()  # fail now, not after the storm
-    plan = StormPlan(
-        images=args.images,
-        image_size=args.image_size,
-        deploys=args.deploys,
-        verify=not args.no_verify,
-        modes=modes,
-        single=not args.no_single,
-        speed=args.speed,
-    )
-    report = await run_storm(plan, args.workdir)
-    if args.plot is not None:
-        plot(report, args.plot)
-    session.out(json.dumps(report.as_json()) if args.json else format_report(report))
-    return 0
-
-
-async def _storm_through_nova(
-    args: argparse.Namespace, modes: tuple[str, ...], session: _Session
-) -> int:
-    from .devnova import DevNovaError
-    from .storm.nova import NovaStormPlan, format_nova_report, run_nova_storm
-
-    if args.hosts < 1:
-        raise InvalidInput("storm --through nova needs at least one host")
-    plan = NovaStormPlan(
-        servers=args.deploys,
-        images=args.images,
-        image_size=args.image_size,
-        hosts=args.hosts,
-        modes=modes,
-        verify=not args.no_verify,
-    )
-    try:
-        report = await asyncio.to_thread(run_nova_storm, plan, args.workdir)
-    except DevNovaError as exc:
-        raise CacheError(f"nova cloud: {exc}") from exc
-    session.out(json.dumps(report.as_json()) if args.json else format_nova_report(report))
-    return 0
+    return await command.run(args, session.out)
 
 
 async def _run(args: argparse.Namespace, session: _Session) -> int:
@@ -575,6 +548,9 @@ async def _main(args: argparse.Namespace, session: _Session) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "storm" and _storm_modes() is None:
+        print(f"{PROG}: {STORM_MISSING}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pvmcache_async.devglance import GlanceServer, ensure_venv
-from pvmcache_async.devkeystone import Credentials, KeystoneServer, ensure_keystone_venv
+from pvmcache_dev.glance import GlanceServer, ensure_venv
+from pvmcache_dev.keystone import Credentials, KeystoneServer, ensure_keystone_venv
 
 
 @pytest.fixture(scope="session")

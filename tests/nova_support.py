@@ -23,8 +23,8 @@ from nova.compute import vm_states
 from nova.db import migration
 
 from pvmcache_async import conf as pvm_conf
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.driver_hook import DriverHook
+from pvmcache_dev.glance import GlanceServer
 
 CONF = nova.conf.CONF
 PROJECT, USER = "pvmcache-project", "pvmcache-user"

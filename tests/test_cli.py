@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.devglance import GlanceServer
+from pvmcache_dev.glance import GlanceServer
 
 from .support import disk_image, vg_files
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.devglance import (
+from pvmcache_dev.glance import (
     ADMIN_HEADERS,
     MEMBER_HEADERS,
     DevGlanceError,

@@ -18,9 +18,9 @@ import pytest
 from keystoneauth1 import loading as ks_loading
 from nova import objects, service_auth
 
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.driver_hook import DriverHook
 from pvmcache_async.errors import GlanceError, InvalidInput
+from pvmcache_dev.glance import GlanceServer
 
 from .nova_support import CONF, make_instance
 from .support import disk_image, vg_files

@@ -32,10 +32,10 @@ from pvmcache_async import (
     IntegrityError,
     Outcome,
 )
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.glance import RetryPolicy, parse_image
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.storage.filevg import FileVG
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import FaultProxy, ThreadedFaultProxy, answer, cut, flip, ignore_range, stall
 from .support import disk_image, vg_files
@@ -376,7 +376,7 @@ async def test_an_image_deleted_after_its_record_was_read_is_not_found(
 async def test_an_image_deactivated_mid_deploy_is_refused_to_a_member(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from pvmcache_async.devglance import MEMBER_HEADERS
+    from pvmcache_dev.glance import MEMBER_HEADERS
 
     server = GlanceServer.start(tmp_path_factory.mktemp("trusted"), trusted_headers=True)
     proxy = await FaultProxy(server.url, extra_headers=MEMBER_HEADERS).start()

@@ -30,9 +30,9 @@ from pvmcache_async import (
     InsufficientSpace,
     StorageError,
 )
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import PARTIAL_PREFIX, cache_disk_names, instance_disk_name
 from pvmcache_async.storage.filevg import FileVG, FileVGSettings
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import GatedVG, cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for

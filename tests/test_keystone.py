@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from pvmcache_async.devglance import GlanceServer
-from pvmcache_async.devkeystone import Credentials
+from pvmcache_dev.glance import GlanceServer
+from pvmcache_dev.keystone import Credentials
 
 from .conftest import TOKEN_SECONDS
 from .faultproxy import ThreadedFaultProxy, stall

@@ -15,12 +15,12 @@ from nova.compute import vm_states
 from nova.virt import imagecache
 
 from pvmcache_async import CacheEntry, EntryState, ImageCache
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.driver_hook import DriverHook, ImageManager
 from pvmcache_async.index import Index
 from pvmcache_async.locks import FileLock
 from pvmcache_async.names import cache_disk_names, partial_disk_name
 from pvmcache_async.storage.filevg import FileVG
+from pvmcache_dev.glance import GlanceServer
 
 from .nova_support import CONF, age, destroy_all, host_instances, make_instance
 from .support import disk_image, vg_files

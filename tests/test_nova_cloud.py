@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.devglance import GlanceServer
-from pvmcache_async.devnova import NovaCloud
 from pvmcache_async.names import instance_disk_name
-from pvmcache_async.storm.images import sha256_file, upload_images
-from pvmcache_async.storm.nova import boot_storm, leftovers
+from pvmcache_dev.glance import GlanceServer
+from pvmcache_dev.nova_cloud import NovaCloud
+from pvmcache_dev.storm.images import sha256_file, upload_images
+from pvmcache_dev.storm.nova import boot_storm, leftovers
 
 pytestmark = [
     pytest.mark.nova_cloud,

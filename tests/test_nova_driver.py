@@ -13,10 +13,10 @@ from nova import objects
 from nova.virt import driver as virt_driver
 from nova.virt import fake
 
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.errors import DiskExists, IntegrityError
 from pvmcache_async.fake_driver import FakeImageCacheDriver
 from pvmcache_async.names import instance_disk_name, partial_disk_name
+from pvmcache_dev.glance import GlanceServer
 
 from .nova_support import CONF, make_instance
 from .support import disk_image, vg_files

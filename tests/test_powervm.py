@@ -42,7 +42,6 @@ from pvmcache_async import (
     InvalidInput,
     Outcome,
 )
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.errors import DiskExists, StorageError
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.names import PARTIAL_PREFIX, instance_disk_name, partial_disk_name
@@ -50,6 +49,7 @@ from pvmcache_async.storage import DiskIdentity, open_vg
 from pvmcache_async.storage.powervm import PowerVMPartialDisk, PowerVMVG
 from pvmcache_async.storage.powervm_spec import PASSWORD_ENV, connect, parse_spec
 from pvmcache_async.storage.powervm_stream import StreamBuffer
+from pvmcache_dev.glance import GlanceServer
 
 from .support import disk_image
 

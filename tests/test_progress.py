@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.progress import ProgressBoard, ProgressRecord, read_record
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import disk_image, vg_files

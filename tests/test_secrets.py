@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import GlanceClient, GlanceError, ImageCache, InvalidInput
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.glance import RetryPolicy
 from pvmcache_async.storage.filevg import FileVG
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import FaultProxy, redirect
 from .support import disk_image, vg_files

@@ -23,8 +23,8 @@ from typing import IO
 
 import pytest
 
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import PARTIAL_PREFIX
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import disk_image, vg_files

@@ -31,10 +31,10 @@ from pvmcache_async import (
     IntegrityError,
     Outcome,
 )
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.glance import RetryPolicy
 from pvmcache_async.locks import FileLock
 from pvmcache_async.storage.filevg import FileVG
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import Fault, FaultProxy, answer, cut, flip, stall
 from .support import disk_image, vg_files

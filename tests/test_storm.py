@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from pvmcache_async.storm.report import TARGET_STORM_DEPLOYS, format_report
-from pvmcache_async.storm.run import StormReport
+from pvmcache_dev.storm.modes import MODES, NOVA_MODES
+from pvmcache_dev.storm.report import TARGET_STORM_DEPLOYS, format_report
+from pvmcache_dev.storm.run import StormReport
 
 MiB = 1 << 20
 IMAGES, SIZE, DEPLOYS = 2, 2 * MiB, 8
@@ -134,11 +135,53 @@ def test_an_unknown_mode_is_a_one_line_error() -> None:
 
 def test_the_command_line_knows_the_storm_modes_without_loading_the_storm() -> None:
     probe = (
-        "import sys, pvmcache_async.cli as cli, pvmcache_async.storm.modes as modes\n"
-        "assert cli.STORM_MODES is modes.MODES and cli.NOVA_STORM_MODES is modes.NOVA_MODES\n"
-        "print(sorted(m for m in sys.modules if m.startswith('pvmcache_async.storm.')))"
+        "import sys, pvmcache_async.cli as cli\n"
+        "cli.build_parser()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pvmcache_dev.storm.')))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
-    assert proc.stdout.split() == ["['pvmcache_async.storm.modes']"]
+    assert proc.stdout.split() == ["['pvmcache_dev.storm.modes']"]
+    shown = "".join(_storm("--help").stdout.split())  # argparse wraps lines at hyphens
+    assert f"default{','.join(MODES)};throughnova:{','.join(NOVA_MODES)})" in shown
+
+
+# The product without the dev package, as a wheel installs it: pvmcache_dev cannot be imported.
+_WITHOUT_DEV = (
+    "import sys\n"
+    "sys.modules['pvmcache_dev'] = None\n"
+    "from pvmcache_async.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _without_dev(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_DEV, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_without_the_dev_package_the_storm_says_what_to_install_in_one_line(
+    tmp_path: Path,
+) -> None:
+    proc = _without_dev("storm", "--images", "1", "--deploys", "1", "--workdir", str(tmp_path))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        "pvmcache-async: storm is a dev tool: install it with `pip install -e ./dev` from a "
+        "checkout (scripts/bootstrap does)\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+
+
+def test_without_the_dev_package_the_help_still_shows_and_names_the_install() -> None:
+    storm_help = _without_dev("storm", "--help")
+    assert storm_help.returncode == 0, storm_help.stderr
+    assert "pip install -e ./dev" in storm_help.stdout and "--image-size" in storm_help.stdout
+    main_help = _without_dev("--help")
+    assert main_help.returncode == 0, main_help.stderr
+    assert "storm" in main_help.stdout and "prefetch" in main_help.stdout

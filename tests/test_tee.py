@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import GlanceClient, ImageCache, InsufficientSpace, Outcome
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.names import CLONE_PREFIX
 from pvmcache_async.storage.base import PartialDisk
 from pvmcache_async.storage.filevg import FileVG, FileVGSettings
 from pvmcache_async.transfer import CacheSettings
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import FaultProxy, stall
 from .support import PassedPartial, disk_image, vg_files

@@ -21,8 +21,8 @@ from pvmcache_async import (
     InvalidInput,
     Outcome,
 )
-from pvmcache_async.devglance import GlanceServer
 from pvmcache_async.storage.filevg import FileVG
+from pvmcache_dev.glance import GlanceServer
 
 from .support import GatedVG, disk_image, vg_files
 

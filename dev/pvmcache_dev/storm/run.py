@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..devglance import GlanceServer
-from ..errors import CacheError
-from ..names import CACHE_PREFIX
-from ..storage.filevg import probe_reflink
+from pvmcache_async.errors import CacheError
+from pvmcache_async.names import CACHE_PREFIX
+from pvmcache_async.storage.filevg import probe_reflink
+
+from ..glance import GlanceServer
 from . import refs
 from .images import upload_images
 from .modes import MODES
@@ -111,7 +112,7 @@ def _run_job(job: Job) -> dict[str, Any]:
     writes of whatever ran before it have settled."""
     refs.settle()
     proc = subprocess.run(
-        [sys.executable, "-m", "pvmcache_async.storm"],
+        [sys.executable, "-m", "pvmcache_dev.storm"],
         input=json.dumps(asdict(job)),
         capture_output=True,
         text=True,

@@ -31,20 +31,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
 
+from . import DevError, repo_root
+
 if TYPE_CHECKING:
-    from .devkeystone import Credentials
+    from .keystone import Credentials
 
 __all__ = [
     "ADMIN_HEADERS",
-    "DEFAULT_VENV",
     "MEMBER_HEADERS",
     "DevGlanceError",
     "GlanceServer",
+    "default_venv",
     "ensure_venv",
 ]
-
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VENV = Path(os.environ.get("PVMCACHE_GLANCE_VENV") or _REPO_ROOT / ".venv-glance")
 
 # Identities for a server started with trusted_headers=True (ignored by the noauth pipeline).
 ADMIN_HEADERS = {
@@ -68,8 +67,13 @@ _LOG_SETTLE = 0.1  # the log must stay unchanged this long before it is trusted
 _LOG_SETTLE_MAX = 2.0
 
 
-class DevGlanceError(Exception):
+class DevGlanceError(DevError):
     """The dev Glance could not be installed, started or asked something."""
+
+
+def default_venv() -> Path:
+    """Glance's virtualenv: ``$PVMCACHE_GLANCE_VENV``, else the checkout's ``.venv-glance``."""
+    return Path(os.environ.get("PVMCACHE_GLANCE_VENV") or repo_root() / ".venv-glance")
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -81,15 +85,16 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def ensure_venv(
-    venv: Path = DEFAULT_VENV,
+    venv: Path | None = None,
     *,
     quiet: bool = True,
     packages: tuple[str, ...] = ("glance", "gunicorn"),
     programs: tuple[str, ...] = ("gunicorn", "glance-manage"),
 ) -> Path:
-    """Make sure ``venv`` has ``programs``; install ``packages`` from PyPI if not (by default
-    glance and gunicorn; ``devkeystone`` asks for keystone). Returns ``venv``."""
-    venv = Path(venv)
+    """Make sure ``venv`` (default: :func:`default_venv`) has ``programs``; install
+    ``packages`` from PyPI if not (by default glance and gunicorn; ``keystone`` asks for
+    keystone). Returns ``venv``."""
+    venv = default_venv() if venv is None else Path(venv)
     bin_dir = venv / "bin"
     if all((bin_dir / program).exists() for program in programs):
         return venv  # fast path: no subprocess, no import of the server
@@ -271,7 +276,7 @@ class GlanceServer(GunicornServer):
         cls,
         workdir: Path,
         *,
-        venv: Path = DEFAULT_VENV,
+        venv: Path | None = None,
         port: int | None = None,
         workers: int = 2,
         threads: int = 4,
@@ -286,7 +291,7 @@ class GlanceServer(GunicornServer):
         this object's own calls authenticate as that user.
         """
         workdir = Path(workdir).resolve()
-        venv = Path(venv)
+        venv = default_venv() if venv is None else Path(venv)
         for sub in ("images", "staging", "tasks"):
             (workdir / sub).mkdir(parents=True, exist_ok=True)
         stock = venv / "etc" / "glance" / "glance-api-paste.ini"
@@ -375,7 +380,7 @@ class GlanceServer(GunicornServer):
             conn.close()
 
     def _keystone_token(self) -> str:
-        from .devkeystone import issue_token  # devkeystone imports this module
+        from .keystone import issue_token  # keystone imports this module
 
         assert self.keystone is not None
         token, expires = self._token
@@ -489,7 +494,7 @@ class GlanceServer(GunicornServer):
 
 
 def _main() -> None:
-    """``python -m pvmcache_async.devglance [WORKDIR]``: run a dev Glance until Ctrl-C."""
+    """``python -m pvmcache_dev.glance [WORKDIR]``: run a dev Glance until Ctrl-C."""
     workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd() / "devglance"
     ensure_venv(quiet=False)
     with GlanceServer.start(workdir) as server:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..devglance import GlanceServer
+    from ..glance import GlanceServer
 
 _BLOCK = 1 << 20
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInput
+from pvmcache_async.errors import InvalidInput
+
 from .run import StormReport
 
 

@@ -1,6 +1,6 @@
 """Deploy storms: the benchmark and stress test behind ``pvmcache-async storm``.
 
-Starts a real Glance on loopback (``devglance``), uploads generated raw images shaped like
+Starts a real Glance on loopback (``pvmcache_dev.glance``), uploads generated raw images shaped like
 disk images (random blocks between long zero runs), then runs many deploys at once spread
 over them, in each mode (``cache``, ``no-cache``, ``per-image-lock``) in a child process of
 its own, into a fresh file VG per mode, and reports what Glance served, latencies, peak RSS

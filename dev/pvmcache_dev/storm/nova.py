@@ -1,6 +1,6 @@
 """The storm through nova: servers booted at once through nova's API on a real nova cloud.
 
-One real Glance holds generated images; for each mode a fresh nova cloud (``devnova``) boots
+One real Glance holds generated images; for each mode a fresh nova cloud (``nova_cloud``) boots
 ``servers`` servers spread over the images, one multi-create request per image, all sent at
 once, and the servers are polled until every one is ACTIVE or ERROR. Modes:
 
@@ -25,13 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..devglance import GlanceServer
-from ..devnova import DEFAULT_DRIVER, NovaAPI, NovaCloud
-from ..errors import CacheError
-from ..glance import GlanceClient
-from ..names import CLONE_PREFIX, PARTIAL_PREFIX, instance_disk_name
-from ..storage import open_vg
-from ..transfer import ImageCache
+from pvmcache_async.errors import CacheError
+from pvmcache_async.glance import GlanceClient
+from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX, instance_disk_name
+from pvmcache_async.storage import open_vg
+from pvmcache_async.transfer import ImageCache
+
+from ..glance import GlanceServer
+from ..nova_cloud import DEFAULT_DRIVER, NovaAPI, NovaCloud
 from .images import sha256_file, upload_images
 from .modes import NOVA_MODES
 from .run import _machine, _percentile

@@ -1,6 +1,6 @@
 """One storm job, run in a child process of its own so its peak RSS and CPU are its own.
 
-``python -m pvmcache_async.storm`` reads a :class:`Job` as JSON on stdin and prints its
+``python -m pvmcache_dev.storm`` reads a :class:`Job` as JSON on stdin and prints its
 result as JSON on stdout. The three ways of deploying:
 
 * ``cache``: this product (``ImageCache.deploy``), asyncio.
@@ -30,12 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..direct import stream_disk
-from ..glance import DownloadTuning, GlanceClient, Sink
-from ..models import ImageInfo
-from ..names import cache_disk_names, instance_disk_name, partial_disk_name
-from ..storage.filevg import CloneMethod, FileVG, FileVGSettings
-from ..transfer import CacheSettings, ImageCache
+from pvmcache_async.direct import stream_disk
+from pvmcache_async.glance import DownloadTuning, GlanceClient, Sink
+from pvmcache_async.models import ImageInfo
+from pvmcache_async.names import cache_disk_names, instance_disk_name, partial_disk_name
+from pvmcache_async.storage.filevg import CloneMethod, FileVG, FileVGSettings
+from pvmcache_async.transfer import CacheSettings, ImageCache
+
 from .images import sha256_file
 
 BUCKET = 0.05  # seconds per bar of the bytes-downloaded timeline

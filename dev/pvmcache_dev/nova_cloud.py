@@ -3,11 +3,11 @@
 ``NovaCloud(root).up(...)`` starts, as separate processes on 127.0.0.1 with ports chosen free
 at start-up: RabbitMQ and MariaDB (Debian packages, installed by ``install_packages``),
 placement and nova-api under gunicorn, nova-conductor, nova-scheduler and one nova-compute per
-host (``compute1``...), each host with its own file VG, against a real Glance (``devglance``:
-one of its own, or the one given). nova runs in threading mode. Everything the cloud has is
-under ``root``: configuration, databases, logs, volume groups and ``cloud.json`` (ports and
-process ids), so ``down`` can stop all of it, epmd included, from any process. ``up`` is
-idempotent: what runs is left alone, what is missing is started.
+host (``compute1``...), each host with its own file VG, against a real Glance (the dev
+package's ``glance``: one of its own, or the one given). nova runs in threading mode.
+Everything the cloud has is under ``root``: configuration, databases, logs, volume groups and
+``cloud.json`` (ports and process ids), so ``down`` can stop all of it, epmd included, from
+any process. ``up`` is idempotent: what runs is left alone, what is missing is started.
 
 nova 34 has no ``noauth2`` any more: nova-api runs the stock pipeline without ``authtoken``,
 so the identity comes from trusted ``X-User-Id``/``X-Project-Id``/``X-Roles`` headers
@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .devglance import GlanceServer, ensure_venv, free_port, log_tail
+from . import DevError
+from .glance import GlanceServer, ensure_venv, free_port, log_tail
 
 __all__ = [
     "DEFAULT_DRIVER",
@@ -86,7 +87,7 @@ for step in steps:
 """
 
 
-class DevNovaError(Exception):
+class DevNovaError(DevError):
     """The nova cloud could not be installed, started, stopped or asked something."""
 
 
@@ -788,7 +789,7 @@ def _iso_ts(value: str) -> float:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m pvmcache_async.devnova up|down|status``: what ``scripts/nova-cloud`` runs."""
+    """``python -m pvmcache_dev.nova_cloud up|down|status``: what ``scripts/nova-cloud`` runs."""
     import argparse
 
     p = argparse.ArgumentParser(prog="nova-cloud", description=__doc__.split("\n")[0])

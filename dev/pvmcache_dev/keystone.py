@@ -1,7 +1,7 @@
 """A real OpenStack Keystone on loopback, for the tests and a demo of the keystone flavor.
 
 Keystone runs from its own virtualenv (installed like Glance's, through
-``devglance.ensure_venv``) under gunicorn, with a sqlite database, fernet keys in a work
+``glance.ensure_venv``) under gunicorn, with a sqlite database, fernet keys in a work
 directory and ``keystone-manage bootstrap`` for the admin user, the roles and its own catalog
 entry. ``token_expiration`` sets ``[token] expiration``: a few seconds lets a test see tokens
 expire during a download. Password hashing uses bcrypt's fewest rounds, so that each
@@ -25,27 +25,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .devglance import DevGlanceError, GunicornServer, ensure_venv, free_port, log_tail
+from . import repo_root
+from .glance import DevGlanceError, GunicornServer, ensure_venv, free_port, log_tail
 
 __all__ = [
-    "DEFAULT_KEYSTONE_VENV",
     "Credentials",
     "KeystoneServer",
+    "default_keystone_venv",
     "ensure_keystone_venv",
     "issue_token",
 ]
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_KEYSTONE_VENV = Path(
-    os.environ.get("PVMCACHE_KEYSTONE_VENV") or _REPO_ROOT / ".venv-keystone"
-)
 REGION = "RegionOne"
 
 
-def ensure_keystone_venv(venv: Path = DEFAULT_KEYSTONE_VENV, *, quiet: bool = True) -> Path:
-    """Make sure ``venv`` has keystone and gunicorn; install them from PyPI if not."""
+def default_keystone_venv() -> Path:
+    """Keystone's virtualenv: ``$PVMCACHE_KEYSTONE_VENV``, else the checkout's
+    ``.venv-keystone``."""
+    return Path(os.environ.get("PVMCACHE_KEYSTONE_VENV") or repo_root() / ".venv-keystone")
+
+
+def ensure_keystone_venv(venv: Path | None = None, *, quiet: bool = True) -> Path:
+    """Make sure ``venv`` (default: :func:`default_keystone_venv`) has keystone and gunicorn;
+    install them from PyPI if not."""
     return ensure_venv(
-        venv,
+        default_keystone_venv() if venv is None else venv,
         quiet=quiet,
         packages=("keystone", "gunicorn"),
         programs=("gunicorn", "keystone-manage"),
@@ -185,14 +189,14 @@ class KeystoneServer(GunicornServer):
         cls,
         workdir: Path,
         *,
-        venv: Path = DEFAULT_KEYSTONE_VENV,
+        venv: Path | None = None,
         token_expiration: int = 3600,
         timeout: float = 60.0,
     ) -> KeystoneServer:
         """Configure, migrate, bootstrap and launch Keystone in ``workdir``; return once it
         answers."""
         workdir = Path(workdir).resolve()
-        venv = Path(venv)
+        venv = default_keystone_venv() if venv is None else Path(venv)
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "keystone.conf"
         conf.write_text(_conf(workdir, token_expiration))
@@ -297,14 +301,14 @@ class KeystoneServer(GunicornServer):
 
 
 def _main() -> None:
-    """``python -m pvmcache_async.devkeystone [WORKDIR]``: a dev cloud until Ctrl-C.
+    """``python -m pvmcache_dev.keystone [WORKDIR]``: a dev cloud until Ctrl-C.
 
     Keystone, Glance in its keystone flavor (in the catalog), an ``operator`` user, and a
     ``clouds.yaml`` for it (cloud ``devstack``) in WORKDIR.
     """
     import sys
 
-    from .devglance import GlanceServer
+    from .glance import GlanceServer
 
     workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "devcloud").resolve()
     for signum in (signal.SIGINT, signal.SIGTERM):  # either stops both (a background job
