@@ -22,8 +22,8 @@ _NOT_SOURCE = shutil.ignore_patterns(
 _BUILD = "import sys\nfrom setuptools import build_meta\nprint(build_meta.build_wheel(sys.argv[1]))"
 
 
-def _wheel_names(source: Path, out: Path) -> list[str]:
-    """Build ``source``'s wheel offline into ``out``; the files it holds."""
+def _wheel(source: Path, out: Path) -> dict[str, bytes]:
+    """Build ``source``'s wheel offline into ``out``; the files it holds and their bytes."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
         [sys.executable, "-c", _BUILD, str(out)],
@@ -34,7 +34,7 @@ def _wheel_names(source: Path, out: Path) -> list[str]:
         f"{proc.stderr[-2000:]}"
     )
     with zipfile.ZipFile(out / proc.stdout.split()[-1]) as wheel:
-        return wheel.namelist()
+        return {name: wheel.read(name) for name in wheel.namelist()}
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +46,22 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_product_wheel_holds_no_dev_server_and_no_storm(checkout: Path, tmp_path: Path) -> None:
-    names = _wheel_names(checkout, tmp_path)
-    modules = sorted(n for n in names if n.endswith(".py"))
+    files = _wheel(checkout, tmp_path)
+    modules = sorted(n for n in files if n.endswith(".py"))
     assert {m.split("/")[0] for m in modules} == {"pvmcache_async", "nova"}
     dev = [m for m in modules if any(w in m for w in ("dev", "storm"))]
     assert dev == []
     assert "nova/virt/pvmcache_ext/__init__.py" in modules  # the shim nova loads drivers by
     assert "pvmcache_async/cli.py" in modules and "pvmcache_async/transfer.py" in modules
+    # the product installs no system package: that is the dev package's nova cloud's job
+    installs = [m for m in modules if any(w in files[m] for w in (b"apt-get", b"dpkg"))]
+    assert installs == []
 
 
 def test_the_dev_wheel_holds_the_dev_servers_and_the_whole_storm(
     checkout: Path, tmp_path: Path
 ) -> None:
-    modules = {n for n in _wheel_names(checkout / "dev", tmp_path) if n.endswith(".py")}
+    modules = {n for n in _wheel(checkout / "dev", tmp_path) if n.endswith(".py")}
     storm = {f"pvmcache_dev/storm/{m}.py" for m in ("modes", "run", "worker", "nova", "plot")}
     servers = {f"pvmcache_dev/{m}.py" for m in ("glance", "keystone", "nova_cloud")}
     assert storm | servers <= modules
