@@ -96,7 +96,7 @@ class Seen:
 @dataclass
 class FaultProxy:
     upstream: str
-    extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. devglance.MEMBER_HEADERS
+    extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. glance.MEMBER_HEADERS
     seen: list[Seen] = field(default_factory=list)
     stalled: threading.Event = field(default_factory=threading.Event)  # a stall has begun
     _plans: dict[tuple[str | None, str], deque[Fault]] = field(

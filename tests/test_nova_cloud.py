@@ -1,8 +1,8 @@
-"""A real nova cloud on loopback (``devnova``) booting servers through the cache.
+"""A real nova cloud on loopback (``pvmcache_dev.nova_cloud``) booting servers through the cache.
 
 RabbitMQ, MariaDB, placement, nova-api, nova-conductor, nova-scheduler and three nova-compute
 processes (``compute_driver = pvmcache_ext.fake.FakeImageCacheDriver``, a file VG each) run
-as separate processes against the session's real Glance; the module installs (apt-get, as
+as separate processes against the session's real Glance; the dev package installs (apt-get, as
 root) and starts them, and stops all of it at the end. Run it alone with
 ``pytest -m nova_cloud`` (about two minutes).
 """
