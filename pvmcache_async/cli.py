@@ -548,14 +548,14 @@ async def _main(args: argparse.Namespace, session: _Session) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "storm" and _storm_modes() is None:
-        print(f"{PROG}: {STORM_MISSING}", file=sys.stderr)
-        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     session = _Session()
+    if args.command == "storm" and _storm_modes() is None:  # before any work starts
+        print(f"{PROG}: {STORM_MISSING}", file=sys.stderr)
+        return 2
     try:
         status = aio.run(_main(args, session))
     except CacheError as exc:
