@@ -133,7 +133,7 @@ async def test_rebuild_index_enters_a_disk_the_index_lacks_and_returns_its_name(
     assert glance.downloads[img] == 0
 
 
-async def test_a_disk_removed_by_hand_is_not_listed_as_cached_again(
+async def test_an_ensure_after_the_cache_disk_was_removed_by_hand_downloads_it_again(
     cache: ImageCache, vg: MemoryVG, glance: ScriptedGlance
 ) -> None:
     img = glance.add(image(8 * KiB))
