@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async.errors import DiskExists, InsufficientSpace, InvalidInput, StorageError
-from pvmcache_async.storage import DiskIdentity, DiskInfo
+from pvmcache_async.storage import Capacity, DiskIdentity, DiskInfo
 from pvmcache_async.storage.memory import MemoryVG
 
 ID = DiskIdentity("3e865d14-8c1e-4c6d-9a1e-7b1b3c2a9f00", 6, "sha256", "ab" * 32)
@@ -212,7 +212,7 @@ async def test_the_free_space_counts_every_disk(tmp_path: Path) -> None:
     await partial.write(b"x" * 10)
     await partial.publish("i_one")
     await vg.clone("i_one", "b_one")
-    assert await vg.capacity() == type(await vg.capacity())(total=100, free=80)
+    assert await vg.capacity() == Capacity(total=100, free=80)
 
 
 async def test_a_copy_for_a_deploy_publishes_as_its_target(vg: MemoryVG) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import ImageCache, InvalidInput
+from pvmcache_async.names import cache_disk_names
 from pvmcache_async.storage.memory import MemoryVG
 
 from .conftest import Clock
@@ -25,6 +26,11 @@ async def cached(cache: ImageCache, glance: ScriptedGlance, size: int, seed: int
     img = glance.add(image(size, seed))
     await cache.ensure(img)
     return img
+
+
+def disk_of(image_id: str) -> str:
+    """The image's cache disk (its first name: no other image here shares its prefix)."""
+    return next(cache_disk_names(image_id))
 
 
 async def ids(cache: ImageCache) -> set[str]:
@@ -116,8 +122,9 @@ async def test_with_no_minimum_age_prune_removes_every_image_not_used_now(
     old = await cached(cache, glance, 8 * KiB, seed=1)
     clock.advance(1)
     now = await cached(cache, glance, 8 * KiB, seed=2)
-    await cache.prune()
-    assert await ids(cache) == {now} and old != now
+    result = await cache.prune()
+    assert await ids(cache) == {now}
+    assert result.removed == [disk_of(old)]
 
 
 async def test_prune_removes_the_images_unused_for_min_age_and_keeps_younger_ones(
@@ -129,7 +136,7 @@ async def test_prune_removes_the_images_unused_for_min_age_and_keeps_younger_one
     clock.advance(HOUR / 2)
     result = await cache.prune(min_age=HOUR)
     assert await ids(cache) == {young}
-    assert len(result.removed) == 1 and old not in await ids(cache)
+    assert result.removed == [disk_of(old)]
 
 
 async def test_an_ensure_counts_as_a_use_that_restarts_the_minimum_age(
@@ -152,8 +159,8 @@ async def test_prune_to_a_count_removes_the_least_recently_used_first(
     await cache.ensure(order[0])  # the oldest is used again: now the most recent
     result = await cache.prune(max_count=2, min_age=DAY)  # the budget ignores min_age
     assert await ids(cache) == {order[0], order[2]}
-    assert len(result.removed) == 1
-    assert len(result.kept) == 2
+    assert result.removed == [disk_of(order[1])]
+    assert result.kept == [disk_of(order[2]), disk_of(order[0])]  # least recently used first
 
 
 async def test_prune_to_a_byte_budget_removes_until_the_rest_fits(
@@ -177,7 +184,7 @@ async def test_prune_never_removes_an_image_in_use_even_over_budget(
     clock.advance(60)
     result = await cache.prune(in_use=[a], max_count=0, min_age=DAY)
     assert await ids(cache) == {a}
-    assert len(result.removed) == 1 and b not in await ids(cache)
+    assert result.removed == [disk_of(b)]
 
 
 async def test_prune_counts_the_images_in_use_as_used_now(
@@ -230,8 +237,8 @@ async def test_a_pass_with_nothing_to_do_removes_nothing(
 ) -> None:
     img = await cached(cache, glance, 8 * KiB)
     result = await cache.prune(min_age=DAY)
-    assert result.removed == []
-    assert len(result.kept) == 1 and await ids(cache) == {img}
+    assert (result.removed, result.kept) == ([], [disk_of(img)])
+    assert await ids(cache) == {img}
 
 
 async def test_two_removals_racing_for_one_image_remove_it_once(
