@@ -266,3 +266,16 @@ async def test_a_ready_entry_records_the_images_size_and_digest(
         record.digest_algo,
         record.digest,
     )
+
+
+async def test_two_images_sharing_a_name_prefix_get_distinct_cache_disks(
+    cache: ImageCache, vg: MemoryVG, glance: ScriptedGlance
+) -> None:
+    a = glance.add(image(8 * KiB, seed=1), image_id="3e865d14-8c1e-4c6d-9a1e-000000000001")
+    b = glance.add(image(8 * KiB, seed=2), image_id="3e865d14-8c1e-4c6d-9a1e-000000000002")
+    first, second = await cache.ensure(a), await cache.ensure(b)
+    assert first.cache_disk == "i_3e865d14_8c1e"
+    assert second.cache_disk != first.cache_disk and second.cache_disk.startswith("i_")
+    assert vg.read(first.cache_disk) == glance.data[a]
+    assert vg.read(second.cache_disk) == glance.data[b]
+    assert (await cache.ensure(b)).outcome is Outcome.HIT

@@ -165,3 +165,17 @@ async def test_a_second_cache_on_the_vg_joins_the_first_ones_download(
         assert (glance.downloads[img], other_glance.downloads[img]) == (1, 0)
     finally:
         await other.close()
+
+
+async def test_a_sweep_during_a_download_leaves_its_partial_disk_alone(
+    cache: ImageCache, vg: MemoryVG, glance: ScriptedGlance
+) -> None:
+    data = image(32 * KiB)
+    img = glance.add(data)
+    held = hold(at=8 * KiB)
+    glance.plan(img, held)
+    download = asyncio.create_task(cache.ensure(img))
+    await held.reached.wait()
+    assert await cache.sweep() == []
+    held.release()
+    assert vg.read((await download).cache_disk) == data
