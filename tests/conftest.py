@@ -1,5 +1,9 @@
 """Shared fixtures: a real Glance API on loopback for the whole session, and a real Keystone
-with a Glance in its keystone flavor for the tests that authenticate."""
+with a Glance in its keystone flavor for the tests that authenticate.
+
+Two hooks order the layers: nova's threading mode is set up before the first test module
+outside ``tests/unit`` is imported (never for the unit layer alone), and the unit layer runs
+first."""
 
 from __future__ import annotations
 
