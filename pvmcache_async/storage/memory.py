@@ -25,8 +25,8 @@ What it models, as the contract in ``storage.base`` states it:
 * **Tees**: ``create_copy`` offers a partial disk for the first deploy's disk (``copies``;
   None without, as a VG whose clones are free).
 * **Names**: disk names as strict as PowerVM's (1-15 characters of ``[A-Za-z0-9_]``).
-* **Interleaving**: every call yields to the event loop once before it acts, as a backend
-  whose work runs on threads lets other tasks run.
+* **Interleaving**: every call that reads or changes a disk yields to the event loop once
+  before it acts, as a backend whose work runs on threads lets other tasks run meanwhile.
 
 What it does not model: persistence (a new ``MemoryVG`` is empty, and the disks vanish with
 the process), other processes sharing the disks (caches in one process may share one
