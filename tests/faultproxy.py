@@ -12,7 +12,8 @@ Each ``GET /v2/images/{image_id}/file`` takes the next planned fault of that ima
 count response *body* bytes. ``seen`` records every request, with its headers (and Range
 apart), the fault applied, the status and the body bytes the client was sent. ``redirect``
 answers a 3xx with a Location: a second proxy makes a second origin that records what
-reaches it.
+reaches it. A stall lasts until the test ends it: ``release_stalls`` lets the body go on,
+``drop_stalls`` drops the connection (the client resumes), ``rearm_stalls`` stalls again.
 
 ``ThreadedFaultProxy`` runs one in a thread of its own, for tests that drive subprocesses.
 """
@@ -103,6 +104,7 @@ class FaultProxy:
         default_factory=lambda: defaultdict(deque)
     )
     _release: asyncio.Event | None = None
+    _drop: bool = False  # a released stall drops its connection (drop_stalls)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     url: str = ""
@@ -136,9 +138,21 @@ class FaultProxy:
         return [s for s in self.seen if s.path == f"/v2/images/{image_id}/file"]
 
     def release_stalls(self) -> None:
-        """Let every stalled response go on (call from the proxy's loop)."""
+        """Let every stalled response go on, and every later stall pass at once, until
+        ``rearm_stalls`` (call from the proxy's loop)."""
         assert self._release is not None
         self._release.set()
+
+    def drop_stalls(self) -> None:
+        """End every stalled response by dropping its connection (the client sees the body cut
+        short), and every later stall too, until ``rearm_stalls`` (call from the proxy's loop)."""
+        self._drop = True
+        self.release_stalls()
+
+    def rearm_stalls(self) -> None:
+        """Stall again from now on, after ``release_stalls`` (call when no stall is under way)."""
+        self._release = asyncio.Event()
+        self._drop = False
 
     async def close(self) -> None:
         if self._server is not None:
@@ -272,6 +286,8 @@ class FaultProxy:
             released.cancel()
         if not released.done() or released.cancelled():
             raise ConnectionResetError("the client left a stalled response")
+        if self._drop:
+            raise ConnectionResetError("the test dropped a stalled response")
 
 
 class ThreadedFaultProxy:
@@ -293,6 +309,9 @@ class ThreadedFaultProxy:
 
     def release_stalls(self) -> None:
         self._loop.call_soon_threadsafe(self.proxy.release_stalls)
+
+    def drop_stalls(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.drop_stalls)
 
     def __exit__(self, *exc: object) -> None:
         asyncio.run_coroutine_threadsafe(self.proxy.close(), self._loop).result(10)

@@ -3,19 +3,21 @@ real Keystone, and the real Glance in its keystone flavor found through the cata
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import yarl
 
 from pvmcache_dev.glance import GlanceServer
 from pvmcache_dev.keystone import Credentials
 
 from .conftest import TOKEN_SECONDS
 from .faultproxy import ThreadedFaultProxy, stall
-from .support import disk_image, vg_files
+from .support import disk_image, vg_files, wait_for
 
 MiB = 1 << 20
 
@@ -104,30 +106,62 @@ def test_an_unknown_region_names_what_the_catalog_lacks(
     assert out.stderr.count("\n") == 1
 
 
+def token_expired(auth_url: str, token: str) -> bool:
+    """Whether Keystone refuses ``token`` now (it validates itself while it is valid)."""
+    base = yarl.URL(auth_url)
+    conn = http.client.HTTPConnection(base.host or "", base.port, timeout=30)
+    try:
+        headers = {"X-Auth-Token": token, "X-Subject-Token": token}
+        conn.request("GET", f"{base.path}/auth/tokens", headers=headers)
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    assert status in (200, 401, 404), f"keystone answered HTTP {status} to a validation"
+    return status != 200
+
+
 def test_a_token_that_expires_mid_download_is_renewed_for_the_resume(
     keystone_glance: GlanceServer, operator: Credentials, tmp_path: Path
 ) -> None:
     data = disk_image(6 * MiB, seed=75)
     img = keystone_glance.create_image(data)
     vg = tmp_path / "vg"
-    with ThreadedFaultProxy(keystone_glance.url) as proxy:
-        # the body stops after 3 MiB and the connection is held until the client's read
-        # timeout, longer than a token lives: the resume needs a token issued after the first
+    runner = ThreadedFaultProxy(keystone_glance.url)
+    with runner as proxy:
+        # the body stops after 3 MiB and is held until the first token has expired; then the
+        # connection drops, and the resume needs a token issued after the first
         proxy.plan(img, stall(after=3 * MiB))
-        started = time.monotonic()
-        out = run(
-            "--os-cloud", "devstack", "--glance-url", proxy.url,
-            "--read-timeout", str(TOKEN_SECONDS + 1),
-            "prefetch", img, "--json",
-            vg=vg, env=clouds_yaml(tmp_path, operator),
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+        cli = subprocess.Popen(
+            [
+                sys.executable, "-m", "pvmcache_async", "--vg", f"file:{vg}",
+                "--os-cloud", "devstack", "--glance-url", proxy.url, "prefetch", img, "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean | clouds_yaml(tmp_path, operator),
         )  # fmt: skip
-        took = time.monotonic() - started
-    assert out.returncode == 0, out.stderr
+        try:
+            wait_for("the stall", proxy.stalled.is_set, timeout=120)
+            first = proxy.file_gets(img)[0].headers["x-auth-token"]
+            wait_for(
+                "the first token to expire",
+                lambda: token_expired(operator.auth_url, first),
+                timeout=TOKEN_SECONDS + 60,
+            )
+            runner.drop_stalls()
+            out, err = cli.communicate(timeout=120)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+    assert cli.returncode == 0, err
     gets = proxy.file_gets(img)
     assert [g.status for g in gets] == [200, 206]
     assert gets[1].range is not None and gets[1].range.startswith("bytes=")
-    assert took > TOKEN_SECONDS + 1  # the first token had expired when the resume asked
-    assert (vg / json.loads(out.stdout)["cache_disk"]).read_bytes() == data
+    assert gets[1].headers["x-auth-token"] != first  # renewed: Glance took the new one
+    assert (vg / json.loads(out)["cache_disk"]).read_bytes() == data
 
 
 def test_ls_and_prune_never_ask_keystone(tmp_path: Path) -> None:

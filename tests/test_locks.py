@@ -161,13 +161,27 @@ async def test_shared_holders_coexist_and_exclude_a_writer(tmp_path: Path) -> No
     writer.release()
 
 
+class WatchedLock(FileLock):
+    """A FileLock that says when a try found the lock taken (``refused``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, poll=60.0)  # after a refusal, it waits a long poll: cancel it there
+        self.refused = asyncio.Event()
+
+    def try_acquire(self) -> bool:
+        got = super().try_acquire()
+        if not got:
+            self.refused.set()
+        return got
+
+
 async def test_cancelled_acquire_holds_nothing(tmp_path: Path) -> None:
     path = tmp_path / "img.lock"
     holder = FileLock(path)
     assert holder.try_acquire()
-    waiter = FileLock(path)
+    waiter = WatchedLock(path)
     task = asyncio.create_task(waiter.acquire())
-    await asyncio.sleep(0.05)
+    await waiter.refused.wait()  # it tried, found the lock held, and now waits to try again
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

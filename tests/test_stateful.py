@@ -72,7 +72,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="pvmcache-stateful-"))
         self.vg = self.dir / "vg"
         self.proxy = self._run(FaultProxy(self.glance_url).start())
-        client = GlanceClient(self.proxy.url, chunk_size=16 * KiB, read_timeout=0.4, retry=RETRY)
+        # a stall ends once the step has made its cancellations (``_deploys``), not by the
+        # client's read timeout: that is only a safety net
+        client = GlanceClient(self.proxy.url, chunk_size=16 * KiB, read_timeout=60, retry=RETRY)
         self.cache = self._run(self._open(client))
         self.cached: set[str] = set()  # the model: images in the cache
         self.disks: dict[str, str] = {}  # the model: instance disk -> image
@@ -103,6 +105,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.proxy.plan(image, *injected.faults)
         results = self._run(self._deploys(image, n, min(cancelled, n), cancel_after))
         self.proxy.clear()  # a fault the step never met must not hit a later one
+        self.proxy.rearm_stalls()  # every download has ended: none is stalled now
 
         for outcome, was_cancelled in results:
             if isinstance(outcome, DeployResult):
@@ -134,6 +137,10 @@ class CacheMachine(RuleBasedStateMachine):
             await asyncio.sleep(0)
         for task in tasks[:cancelled]:
             task.cancel()
+        # a stall holds the download until now, so the cancellations land while it is under
+        # way; then its connection drops, as the client's read timeout would drop it, and the
+        # download resumes (a stall that begins later drops at once)
+        self.proxy.drop_stalls()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         # a download whose waiters were all cancelled runs on: let it end before the checks
         await self.cache.settle()
