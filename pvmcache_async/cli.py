@@ -327,6 +327,7 @@ def _iso(ts: float) -> str:
 
 
 def _entry_json(e: CacheEntry) -> dict[str, Any]:
+    ahead = {"clock_ahead": True} if e.clock_ahead else {}  # its times were read as now
     return {
         "image_id": e.image_id,
         "cache_disk": e.cache_disk,
@@ -334,7 +335,7 @@ def _entry_json(e: CacheEntry) -> dict[str, Any]:
         "state": e.state.value,
         "created": _iso(e.created),
         "last_used": _iso(e.last_used),
-    }
+    } | ahead
 
 
 class _Session:
@@ -494,6 +495,7 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
                     session.out(
                         f"{e.image_id:36}  {e.cache_disk:15}  {e.size:>14}  "
                         f"{e.state.value:7}  {_iso(e.last_used)}"
+                        + (" (was ahead of the clock: counted as now)" if e.clock_ahead else "")
                         + display.filling_text(filling.get(e.image_id))
                     )
             return 0

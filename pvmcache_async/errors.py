@@ -7,6 +7,9 @@ can print it as it is.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 SHOWN_CHARS = 120  # of an untrusted value, echoed in a message
 
 
@@ -72,3 +75,15 @@ class DiskExists(StorageError):
 
 class AuthError(CacheError):
     """Keystone refused or could not be asked: wrong credentials, unreachable, no token."""
+
+
+@contextlib.contextmanager
+def naming_image(image_id: str) -> Iterator[None]:
+    """A ``StorageError`` raised inside that names no image comes out naming ``image_id``
+    (the VG and the index cannot name it: they know disks and rows). The one place that adds it."""
+    try:
+        yield
+    except StorageError as exc:
+        if exc.image_id is None:
+            raise type(exc)(exc.message, image_id=image_id) from exc
+        raise

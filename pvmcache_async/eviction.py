@@ -3,7 +3,9 @@ the time and the budget; no VG, no Glance, no locks (``ImageCache.prune`` acts o
 
 Two rules, applied in order: an image unused for ``min_age`` seconds goes (``expired``);
 then, least recently used first, unused images go until the rest fits the budget
-(``over_budget``; the budget ignores ``min_age``). An image in use is never chosen.
+(``over_budget``; the budget ignores ``min_age``). An image in use is never chosen. A last use
+ahead of the clock counts as a use now (the catalog reads it so; ``expired`` holds to it for
+entries from elsewhere), so no date can make an image immune to a budget.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def expired(
     return [
         e
         for e in least_recently_used(entries)
-        if e.image_id not in in_use and now - e.last_used >= min_age
+        if e.image_id not in in_use and now - min(e.last_used, now) >= min_age
     ]
 
 

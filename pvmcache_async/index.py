@@ -3,13 +3,20 @@
 It records every cache disk the cache created, with the full image id (disk names hold only a
 prefix of it), size, digest, times and state. A disk the index does not know was not created
 by the cache: it is never a hit and never removed. The methods are blocking and short; the
-core calls them through ``asyncio.to_thread``. One connection, serialised by a lock, serves all
-threads of a process; sqlite's own locking (WAL, busy timeout) serialises processes.
+core reaches them only through ``catalog.Catalog``, which runs them on a thread and decides
+what a row is worth. One connection, serialised by a lock, serves all threads of a process;
+sqlite's own locking (WAL, busy timeout) serialises processes.
+
+Rows as read: sqlite is dynamically typed, so an operator's ``UPDATE`` can store any value of
+any type in any column. Each row read is range-checked (``_parse``): one out of range or of
+the wrong type comes back as a ``BadRow``, never as an entry; a time ahead of the clock is
+read as the time of reading (``CacheEntry.clock_ahead``), and a touch sets it right.
 
 State that can be lost: the index is a cache of what the disks themselves record
 (``DiskIdentity``). An index that is missing, emptied or unreadable is set aside
-(``index.sqlite.corrupt-<time>``) and made anew, and ``needs_rebuild`` stays True until the
-cache has re-entered its disks from the VG (``ImageCache``, at its first call).
+(``index.sqlite.corrupt-<time>``, then ``...-<time>.1``: a copy is never replaced) and made
+anew, and ``needs_rebuild`` stays True until the cache has re-entered its disks from the VG
+(``ImageCache``, at its first call).
 
 A full volume group: a WAL database cannot even be read when its shared-memory file cannot be
 made (SQLITE_IOERR_SHMSIZE on a full filesystem). Then the index is opened again in
@@ -25,16 +32,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InsufficientSpace, StorageError
+from .errors import InsufficientSpace, InvalidInput, StorageError, shown
+from .glance import MAX_IMAGE_SIZE
 from .models import CacheEntry, EntryState
+from .names import validate_image_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -54,8 +65,74 @@ _UNREADABLE = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
 log = logging.getLogger(__name__)
 
 
-def _entry(row: tuple[str, str, int, str, str, float, float, str]) -> CacheEntry:
-    return CacheEntry(*row[:7], state=EntryState(row[7]))
+_LONGEST_TEXT = 256  # of a disk name, a digest algorithm or a hex digest in a row
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A row of the index with a value out of range or of the wrong type: never an entry."""
+
+    image_id: str | None  # the row's image id, when that much is a canonical image uuid
+    reason: str  # what is wrong with it, for the one warning
+
+
+def _parse(row: tuple[object, ...], now: float) -> CacheEntry | BadRow:
+    """The entry a row of the index records, range-checked; times ahead of ``now`` read as
+    ``now`` (flagged ``clock_ahead``)."""
+    image_id, cache_disk, size, digest_algo, digest, created, last_used, state = row
+    try:
+        canonical = validate_image_id(image_id)
+    except InvalidInput:
+        return BadRow(None, f"image id {shown(image_id)} is not an image uuid")
+    if canonical != image_id:
+        return BadRow(None, f"image id {shown(image_id)} is not in canonical form")
+    for column, text in (("cache_disk", cache_disk), ("digest_algo", digest_algo),
+                         ("digest", digest)):  # fmt: skip
+        if not isinstance(text, str) or len(text) > _LONGEST_TEXT:
+            return BadRow(canonical, f"{column} {shown(text)} is not a short text")
+    assert isinstance(cache_disk, str) and isinstance(digest_algo, str) and isinstance(digest, str)
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_IMAGE_SIZE:
+        return BadRow(canonical, f"size {shown(size)} is not from 1 to {MAX_IMAGE_SIZE} bytes")
+    times = []
+    for column, value in (("created", created), ("last_used", last_used)):
+        # a number, not negative, not NaN; +inf and 1e300 are merely ahead of the clock
+        if not isinstance(value, int | float) or math.isnan(value) or value < 0:
+            return BadRow(canonical, f"{column} {shown(value)} is not a unix time")
+        times.append(float(value))
+    if not isinstance(state, str) or state not in {s.value for s in EntryState}:
+        return BadRow(canonical, f"state {shown(state)} is not one of filling, ready")
+    ahead = any(t > now for t in times)
+    return CacheEntry(
+        canonical,
+        cache_disk,
+        size,
+        digest_algo,
+        digest,
+        min(times[0], now),
+        min(times[1], now),
+        EntryState(state),
+        clock_ahead=ahead,
+    )
+
+
+def _set_aside(path: Path) -> Path:
+    """Move the index at ``path`` to a name of its own beside it; never replaces a file (two
+    copies set aside in the same second get ``-<time>`` and ``-<time>.1``)."""
+    stem = f"{path.name}.corrupt-{time.time():.0f}"
+    for n in range(1000):
+        aside = path.with_name(stem if n == 0 else f"{stem}.{n}")
+        try:
+            os.link(path, aside)  # fails rather than replace (a rename would replace)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this filesystem: rename to a name free just now
+            if os.path.lexists(aside):
+                continue
+            os.rename(path, aside)
+            return aside
+        os.unlink(path)
+        return aside
+    raise OSError(f"{stem} and 999 more copies of it exist already")
 
 
 class _Unreadable(Exception):
@@ -108,11 +185,10 @@ class Index:
         except (sqlite3.DatabaseError, _Unreadable) as exc:
             if not isinstance(exc, _Unreadable) and exc.sqlite_errorcode not in _UNREADABLE:
                 raise _index_error(path, exc) from exc
-            aside = path.with_name(f"{path.name}.corrupt-{time.time():.0f}")
-            log.warning("cache index %s is unreadable (%s); set aside as %s, rebuilding it "
-                        "from the disks", path, exc, aside.name)  # fmt: skip
             try:
-                os.replace(path, aside)
+                aside = _set_aside(path)
+                log.warning("cache index %s is unreadable (%s); set aside as %s, rebuilding it "
+                            "from the disks", path, exc, aside.name)  # fmt: skip
                 self._db = self._open()
             except (OSError, sqlite3.Error) as again:
                 raise StorageError(f"cache index {path}: unreadable ({exc}); {again}") from again
@@ -157,17 +233,20 @@ class Index:
         """Enter a ready disk found in the VG; False when the image or the name has an entry."""
         return self.insert(entry)
 
-    def get(self, image_id: str) -> CacheEntry | None:
+    def get(self, image_id: str) -> CacheEntry | BadRow | None:
+        """The image's row (range-checked, see ``_parse``), or None when it has none."""
         with self._using():
             row = self._db.execute(
                 f"SELECT {_COLUMNS} FROM images WHERE image_id = ?", (image_id,)
             ).fetchone()
-        return _entry(row) if row else None
+        return _parse(row, time.time()) if row else None
 
-    def entries(self) -> list[CacheEntry]:
+    def entries(self) -> list[CacheEntry | BadRow]:
+        """Every row, range-checked (see ``_parse``)."""
         with self._using():
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM images ORDER BY image_id").fetchall()
-        return [_entry(r) for r in rows]
+        now = time.time()
+        return [_parse(r, now) for r in rows]
 
     def insert(self, entry: CacheEntry) -> bool:
         """Insert a new entry; False when the image or its cache disk name has one already."""
@@ -198,10 +277,13 @@ class Index:
             )
 
     def touch(self, image_id: str, when: float) -> None:
+        """Record a use at ``when``: the later of it and the last use, unless the last use is
+        ahead of the clock (or not a number), which ``when`` then replaces."""
         with self._using():
             self._db.execute(
-                "UPDATE images SET last_used = max(last_used, ?) WHERE image_id = ?",
-                (when, image_id),
+                "UPDATE images SET last_used = CASE WHEN typeof(last_used) IN ('integer', 'real')"
+                " AND last_used <= ? THEN max(last_used, ?) ELSE ? END WHERE image_id = ?",
+                (time.time(), when, when, image_id),
             )
 
     def delete(self, image_id: str) -> None:

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, replace
 
 from .aio import finish
+from .catalog import Catalog
 from .errors import DiskExists, NoGlanceEndpoint, StorageError
 from .glance import GlanceClient
 from .image_locks import ImageLocks
-from .index import Index
 from .models import CacheEntry, EntryState, ImageInfo, Outcome
 from .names import MAX_CACHE_NAMES, cache_disk_names, partial_disk_name
 from .progress import ProgressBoard
@@ -62,7 +62,7 @@ class Ingest:
     def __init__(
         self,
         vg: VolumeGroup,
-        index: Index,
+        catalog: Catalog,
         glance: GlanceClient | None,
         locks: ImageLocks,
         recovery: Recovery,
@@ -70,7 +70,7 @@ class Ingest:
         max_downloads: int,
     ) -> None:
         self._vg = vg
-        self._index = index
+        self._catalog = catalog
         self.glance = glance  # may be set later (an endpoint found on first use)
         self._locks = locks
         self._recovery = recovery
@@ -92,36 +92,31 @@ class Ingest:
                 image_id=image_id,
             )
         async with self._downloads, self._locks.hold(image_id, cached=False) as held:
-            try:
-                entry = await self._recovery.recover(image_id)
-                if entry is not None:
-                    held.cached = True
-                    return IngestResult(entry, downloaded=False, waited=held.waited, fetched=0)
-                info = await glance.get_image(image_id)
-                entry = await self._record_filling(info)
-                try:
-                    fetched, copy = await self._download(glance, info, entry, target)
-                except BaseException:
-                    await finish(asyncio.to_thread(self._index.delete, image_id))
-                    raise
-                now = time.time()
-                try:
-                    await asyncio.to_thread(self._index.mark_ready, image_id, now)
-                except BaseException:
-                    # unrecorded, the published disk would be nobody's (the index is what makes
-                    # a disk the cache's own), so it goes too
-                    await finish(self._unpublish(entry))
-                    if copy is not None:
-                        await finish(copy.discard())
-                    raise
+            entry = await self._recovery.recover(image_id)
+            if entry is not None:
                 held.cached = True
-                if copy is not None:
-                    assert target is not None
-                    await target.hand_over(copy)
-            except StorageError as exc:
-                if exc.image_id is None:  # e.g. ENOSPC mid-write, or the index's disk is full
-                    raise type(exc)(exc.message, image_id=image_id) from exc
+                return IngestResult(entry, downloaded=False, waited=held.waited, fetched=0)
+            info = await glance.get_image(image_id)
+            entry = await self._record_filling(info)
+            try:
+                fetched, copy = await self._download(glance, info, entry, target)
+            except BaseException:
+                await finish(self._catalog.drop(image_id))
                 raise
+            now = time.time()
+            try:
+                await self._catalog.mark_ready(image_id, now)
+            except BaseException:
+                # unrecorded, the published disk would be nobody's (the index is what makes
+                # a disk the cache's own), so it goes too
+                await finish(self._unpublish(entry))
+                if copy is not None:
+                    await finish(copy.discard())
+                raise
+            held.cached = True
+            if copy is not None:
+                assert target is not None
+                await target.hand_over(copy)
         log.info("cached image %s as %s (%d bytes)", image_id, entry.cache_disk, fetched)
         ready = replace(entry, state=EntryState.READY, created=now, last_used=now)
         return IngestResult(ready, downloaded=True, waited=held.waited, fetched=fetched)
@@ -142,7 +137,7 @@ class Ingest:
                 now,
                 EntryState.FILLING,
             )
-            if await asyncio.to_thread(self._index.insert, entry):
+            if await self._catalog.insert(entry):
                 return entry
         raise StorageError(
             f"all {MAX_CACHE_NAMES} cache disk names of the image are taken", image_id=info.id
@@ -206,4 +201,4 @@ class Ingest:
     async def _unpublish(self, entry: CacheEntry) -> None:
         await self._vg.delete(entry.cache_disk)
         with contextlib.suppress(StorageError):  # left behind, the next recover clears it
-            await asyncio.to_thread(self._index.delete, entry.image_id)
+            await self._catalog.drop(entry.image_id)

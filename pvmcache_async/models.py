@@ -44,6 +44,8 @@ class CacheEntry:
     created: float  # unix time
     last_used: float  # unix time
     state: EntryState
+    # created or last_used was ahead of the clock when read: counted as the time of reading
+    clock_ahead: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,93 +4,90 @@ rebuilt from the disks' recorded identities.
 The kernel drops a dead process's ``flock``, so whoever next holds an image's lock
 exclusively knows that no live process is filling it: a ``filling`` entry is then a crash's
 leftover (``recover``). Partial disks have names of their writer's own and owner locks
-(``storage``): the VG removes a dead writer's and never a live one's. An index row is acted
-on only when its cache disk name is one the cache gives that image and the disk's recorded
-identity, if any, names that image (``owns_disk``).
+(``storage``): the VG removes a dead writer's and never a live one's. What a row is worth is
+the catalog's to say (``catalog.Trust``); recovery acts on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import replace
 
-from .errors import InvalidInput
-from .index import Index
+from .catalog import Catalog, Trust
 from .models import CacheEntry, EntryState
-from .names import is_cache_disk_name, is_cache_disk_name_of, validate_image_id
+from .names import MAX_CACHE_NAMES, cache_disk_names
 from .progress import discard_record
 from .storage import VolumeGroup
 
 log = logging.getLogger(__name__)
 
 
-def plausible(entry: CacheEntry) -> bool:
-    """A ready entry that names one of its image's cache disk names."""
-    return entry.state is EntryState.READY and is_cache_disk_name_of(
-        entry.image_id, entry.cache_disk
-    )
-
-
 class Recovery:
-    """Clears what crashes left in one VG and its index."""
+    """Clears what crashes and tampering left in one VG and its index."""
 
-    def __init__(self, vg: VolumeGroup, index: Index) -> None:
+    def __init__(self, vg: VolumeGroup, catalog: Catalog) -> None:
         self._vg = vg
-        self._index = index
+        self._catalog = catalog
 
     async def recover(self, image_id: str) -> CacheEntry | None:
         """Under the image's exclusive lock: clear what a dead process left, return a ready entry.
 
         Holding the lock proves no live process is filling this image, so a ``filling`` entry
         is a leftover of a crash (and its partial disk, whose owner is dead, goes with the
-        VG's dead temporaries). An entry that names a disk not the cache's own is dropped,
-        and that disk left alone.
+        VG's dead temporaries). A row that is not READY is dropped, a FOREIGN or INVALID one's
+        disk left alone, a DAMAGED one's (the image's own, not as recorded) deleted unless it
+        passes a rebuild's checks. Then the image's own disk, if one of its cache disk names
+        holds it, is adopted again (``Catalog.adopt``: its bytes checked against its recorded
+        digest), so a dropped row leaves no disk of the image unknown to the index.
         """
         await asyncio.to_thread(discard_record, self._vg.state_dir, image_id)
-        entry = await asyncio.to_thread(self._index.get, image_id)
-        if entry is None:
+        judged = await self._catalog.row(image_id)
+        if judged is None:
             return None
-        if entry.state is EntryState.FILLING:  # its writer died: give its room back first
+        if judged.trust is Trust.FILLING:  # its writer died: give its room back first
             await self.remove_dead_temporaries()
-        if not await self.owns_disk(entry):
-            await asyncio.to_thread(self._index.delete, image_id)
-            return None
-        size = await self._vg.disk_size(entry.cache_disk)
-        if size == entry.size:
+        judged = await self._catalog.check_disk(judged)
+        entry = judged.entry
+        if judged.trust is Trust.READY and entry is not None:
             if entry.state is EntryState.FILLING:  # published, then died before recording it
-                await asyncio.to_thread(self._index.mark_ready, image_id, time.time())
+                await self._catalog.mark_ready(image_id, time.time())
                 entry = replace(entry, state=EntryState.READY)
             return entry
-        if size is not None:  # ours, but not what we published: never hand it out
-            await self._vg.delete(entry.cache_disk)
-        await asyncio.to_thread(self._index.delete, image_id)
-        return None
+        times = None if entry is None else (entry.created, entry.last_used)
+        if judged.trust is Trust.DAMAGED and entry is not None:
+            # ours, but not as recorded: it stays only if it passes a rebuild's checks (the
+            # row may be what was altered); else it is never handed out. Disk first: a crash
+            # in between leaves a row whose disk is gone, not a disk no row names.
+            own = await self._catalog.admissible(entry.cache_disk, image_id=image_id, times=times)
+            if own is None:
+                await self._vg.delete(entry.cache_disk)
+            await self._catalog.drop(image_id)
+            if own is not None and await self._catalog.insert(own):
+                log.warning(
+                    "image %s: its disk %s entered the index again", image_id, own.cache_disk
+                )
+                return own
+        else:
+            await self._catalog.drop(image_id)
+        return await self._adopt_own_disk(image_id, times)
 
-    async def owns_disk(self, entry: CacheEntry) -> bool:
-        """Whether the entry's cache disk is the cache's own disk of that image: a name the
-        cache gives that image, and no recorded identity naming another (older disks have
-        none). Checked before a disk named by the index is deleted."""
-        if not is_cache_disk_name_of(entry.image_id, entry.cache_disk):
-            log.warning(
-                "index entry of image %s names disk %r, not one of its cache disk names; "
-                "dropping the entry, leaving the disk alone",
-                entry.image_id,
-                entry.cache_disk,
-            )
-            return False
-        identity = await self._vg.disk_identity(entry.cache_disk)
-        if identity is not None and identity.image_id != entry.image_id:
-            log.warning(
-                "disk %s records image %s, but the index entry is image %s's; "
-                "dropping the entry, leaving the disk alone",
-                entry.cache_disk,
-                identity.image_id,
-                entry.image_id,
-            )
-            return False
-        return True
+    async def _adopt_own_disk(
+        self, image_id: str, times: tuple[float, float] | None
+    ) -> CacheEntry | None:
+        """Adopt the image's disk under one of its cache disk names, if one passes the checks,
+        created and used at ``times`` (a dropped row's; None: now)."""
+        names = set(itertools.islice(cache_disk_names(image_id), MAX_CACHE_NAMES))
+        for disk in await self._vg.list_disks():
+            if disk.name not in names:
+                continue
+            entry = await self._catalog.adopt(disk.name, disk.size, image_id=image_id, times=times)
+            if entry is not None:
+                log.warning("image %s: its disk %s entered the index again", image_id, disk.name)
+                return entry
+        return None
 
     async def remove_dead_temporaries(self) -> list[str]:
         """Remove the partial disks and clones of dead writers; return their names."""
@@ -104,29 +101,7 @@ class Recovery:
 
         See ``ImageCache.rebuild_index`` for which disks enter."""
         adopted = []
-        now = time.time()
         for disk in await self._vg.list_disks():
-            if not is_cache_disk_name(disk.name):
-                continue
-            identity = await self._vg.disk_identity(disk.name)
-            if identity is None or disk.size != identity.size:
-                continue
-            try:
-                image_id = validate_image_id(identity.image_id)
-            except InvalidInput:
-                continue
-            if not is_cache_disk_name_of(image_id, disk.name):
-                continue
-            entry = CacheEntry(
-                image_id,
-                disk.name,
-                identity.size,
-                identity.digest_algo,
-                identity.digest,
-                now,
-                now,
-                EntryState.READY,
-            )
-            if await asyncio.to_thread(self._index.adopt, entry):
+            if await self._catalog.adopt(disk.name, disk.size) is not None:
                 adopted.append(disk.name)
         return adopted

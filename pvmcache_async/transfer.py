@@ -13,12 +13,18 @@ This module orchestrates; each concern is a module of its own:
   image at a time in this process through a ``locks.SingleFlight``;
 * ``image_locks``: the lock files of each image across processes, and their life;
 * ``tee``, ``space``: the deploy's disk written alongside a download; room for downloads;
+* ``catalog``: the index, and what each of its rows is worth (the one place that decides);
 * ``recovery``: what crashes left, cleared; a lost index rebuilt from the disks;
 * ``eviction``: which images a prune removes (pure functions).
 
-Hostile state: an index row is acted on only when its cache disk name is one the cache gives
-that image (``names.is_cache_disk_name_of``) and the disk's own recorded identity, if any,
-names that image; an index that is lost or unreadable is rebuilt from the disks' identities.
+Hostile state: every row of the index is judged by ``catalog.Catalog`` before it is acted on.
+A hit is served only from a row whose values are in range, whose cache disk name is one the
+cache gives that image (``names.is_cache_disk_name_of``), and whose disk is there at the
+recorded size and records (cheaply: xattrs or a label) that image, size and digest; any
+other row is dropped, and a disk that is not the image's is left alone, never served (the
+deploy downloads into a name of its own). A time ahead of the clock counts as now. An index
+that is lost or unreadable is rebuilt from the disks' identities, each disk re-hashed
+against its recorded digest before it is trusted again.
 """
 
 from __future__ import annotations
@@ -27,32 +33,32 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from . import eviction
 from .aio import complete_or_undo, finish
-from .errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, StorageError
+from .catalog import Catalog, Trust
+from .errors import (
+    CacheError,
+    DiskExists,
+    InsufficientSpace,
+    InvalidInput,
+    StorageError,
+    naming_image,
+)
 from .glance import GlanceClient
-from .image_locks import ImageLocks
-from .index import Index
+from .image_locks import ImageHold, ImageLocks
 from .ingest import Ingest, IngestResult, outcome_of
 from .locks import SingleFlight
 from .models import CacheEntry, DeployResult, EnsureResult, EntryState, Outcome, PruneResult
-from .names import (
-    instance_disk_name,
-    is_cache_disk_name_of,
-    validate_image_id,
-    validate_instance_uuid,
-)
+from .names import instance_disk_name, validate_image_id, validate_instance_uuid
 from .progress import ProgressBoard
-from .recovery import Recovery, plausible
+from .recovery import Recovery
 from .storage import PartialDisk, VolumeGroup
 from .tee import TeeTarget
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +89,13 @@ class ImageCache:
         self.vg = vg
         self.settings = settings or CacheSettings()
         self._locks = ImageLocks(vg.state_dir, self.settings.lock_poll)
-        self._index = Index(vg.state_dir / "index.sqlite")
+        self._catalog = Catalog(vg, vg.state_dir / "index.sqlite")
         self._begun: asyncio.Task[None] | None = None
         self.progress = ProgressBoard(vg.state_dir)  # downloads under way, for those watching
-        self._recovery = Recovery(vg, self._index)
+        self._recovery = Recovery(vg, self._catalog)
         self._ingest = Ingest(
             vg,
-            self._index,
+            self._catalog,
             glance,
             self._locks,
             self._recovery,
@@ -121,7 +127,7 @@ class ImageCache:
         """
         image_id = validate_image_id(image_id)
         await self._begin()
-        with _about(image_id):
+        with naming_image(image_id):
             return await self._ensure(image_id, None)
 
     async def deploy(self, image_id: str, instance_uuid: str) -> DeployResult:
@@ -134,7 +140,7 @@ class ImageCache:
         instance = validate_instance_uuid(instance_uuid)
         await self._begin()
         async with self._locks.using(image_id):
-            with _about(image_id):
+            with naming_image(image_id):
                 return await self._deploy(image_id, instance)
 
     # -- the steps of a deploy, in order ------------------------------------------------
@@ -206,7 +212,7 @@ class ImageCache:
         if entry is not None:
             # also for a deploy, which touches again after its clone: this use shields the
             # image from a prune in the moment before the deploy takes its shared lock
-            await self._db(self._index.touch, image_id, time.time())
+            await self._catalog.touch(image_id, time.time())
         else:
             work = lambda: self._ingest.run(image_id, target)  # noqa: E731
             ingested, leader = await self._flights.do(image_id, work)
@@ -246,21 +252,15 @@ class ImageCache:
         """Record the use of a deploy's new disk; a deploy that fails here (the index full)
         leaves no disk behind, so the same instance can be deployed again at once."""
         try:
-            await self._db(self._index.touch, image_id, time.time())
+            await self._catalog.touch(image_id, time.time())
         except BaseException:
             await finish(self.vg.delete(disk))
             raise
 
     async def _ready(self, image_id: str) -> CacheEntry | None:
-        """The image's entry if it is ready and its disk is there, else None."""
-        entry = await self._db(self._index.get, image_id)
-        if entry is None or entry.state is not EntryState.READY:
-            return None
-        if not is_cache_disk_name_of(image_id, entry.cache_disk):
-            return None  # a row altered to name another disk: recovery drops it
-        if await self.vg.disk_size(entry.cache_disk) != entry.size:
-            return None
-        return entry
+        """The image's entry if it may be served (``Trust.READY``: its own disk, as recorded),
+        else None: then the miss path's recovery drops the row, never serving the disk."""
+        return await self._catalog.ready(image_id)
 
     # -- the cache's contents -----------------------------------------------------------
 
@@ -272,10 +272,11 @@ class ImageCache:
         it works on a full VG (the clearing is then left to a later call)."""
         await self._begin()
         listed = []
-        for entry in await self._db(self._index.entries):
-            if not is_cache_disk_name_of(entry.image_id, entry.cache_disk):
-                continue  # altered to name a disk not the image's: never shown, swept away
-            if entry.state is EntryState.FILLING and not self._flights.in_flight(entry.image_id):
+        for judged in await self._catalog.rows():
+            entry = judged.entry
+            if entry is None or judged.trust not in (Trust.READY, Trust.FILLING):
+                continue  # never shown: a sweep or the next deploy drops it
+            if judged.trust is Trust.FILLING and not self._flights.in_flight(entry.image_id):
                 with self._locks.try_hold(entry.image_id) as held:
                     if held is not None:  # nobody is filling it: a dead writer's leftover
                         with contextlib.suppress(StorageError):
@@ -311,25 +312,33 @@ class ImageCache:
             if self._flights.in_flight(image_id) or not use.try_acquire():
                 return False  # ... and a deploy holds the use lock from start to end
             try:
-                entry = await self._db(self._index.get, image_id)
-                if entry is None:
+                judged = await self._catalog.row(image_id)
+                if judged is None:
                     held.cached = False  # the lock files this call just created go
                     return False
-                if entry.state is not EntryState.READY:
+                entry = judged.entry
+                if judged.trust in (Trust.FOREIGN, Trust.INVALID):  # drop it, adopt its disk
+                    await self._recover_held(image_id, held)
+                    return False
+                if judged.trust is Trust.FILLING or entry is None:
                     return False
                 if time.time() - entry.last_used < idle_for:
                     return False
-                if unused_since is not None and entry.last_used >= unused_since:
+                # a time ahead of the clock reads as now, but is no use since the snapshot:
+                # any use since would have set it right
+                used_since = unused_since is not None and entry.last_used >= unused_since
+                if used_since and not entry.clock_ahead:
                     return False
-                with _about(image_id):
-                    if not await self._recovery.owns_disk(entry):
-                        await self._db(self._index.delete, image_id)  # a row naming another disk
+                with naming_image(image_id):
+                    judged = await self._catalog.check_disk(judged)
+                    if judged.trust is Trust.FOREIGN:  # its disk records another image
+                        await self._recover_held(image_id, held)
                         return False
                     # disk first: a crash in between leaves an entry whose disk is gone, which
                     # the next ensure recognises, rather than an unknown i_ disk that nothing
                     # removes; and on a full VG, the index can be written once the disk is gone
                     await self.vg.delete(entry.cache_disk)
-                    await self._db(self._index.delete, image_id)
+                    await self._catalog.drop(image_id)
                 held.cached = False
             finally:
                 use.release()
@@ -342,7 +351,7 @@ class ImageCache:
         when = time.time() if when is None else when
         await self._begin()
         for image_id in {validate_image_id(i) for i in image_ids}:
-            await self._db(self._index.touch, image_id, when)
+            await self._catalog.touch(image_id, when)
 
     async def sweep(self) -> list[str]:
         """Remove what dead processes left, and return the names of the disks removed.
@@ -353,19 +362,17 @@ class ImageCache:
         """
         await self._begin()
         removed = await self._recovery.remove_dead_temporaries()
-        known = {e.image_id: e for e in await self._db(self._index.entries)}
-        # a crash's filling entries, entries altered to name a disk not the image's, lock files
-        candidates = {i for i, e in known.items() if not plausible(e)} | self._locks.image_ids()
-        for image_id in sorted(candidates):
-            entry = known.get(image_id)
-            if self._flights.in_flight(image_id) or (entry and plausible(entry)):
+        known = {j.image_id: j.trust for j in await self._catalog.rows() if j.image_id}
+        # a crash's filling entries, rows not to be trusted (altered to name a disk not the
+        # image's, values out of range), lock files
+        candidates = {i for i, t in known.items() if t is not Trust.READY}
+        for image_id in sorted(candidates | self._locks.image_ids()):
+            if self._flights.in_flight(image_id) or known.get(image_id) is Trust.READY:
                 continue
             with self._locks.try_hold(image_id) as held:
                 if held is None:
                     continue  # a live process is filling, removing or cloning it
-                with _about(image_id):
-                    if await self._recovery.recover(image_id) is None:
-                        held.cached = False
+                await self._recover_held(image_id, held)
         return removed
 
     async def prune(
@@ -432,13 +439,16 @@ class ImageCache:
         if self.glance is not None:
             await self.glance.close()
         await self.vg.close()
-        self._index.close()
+        self._catalog.close()
 
     # -- internals ----------------------------------------------------------------------
 
-    @staticmethod
-    async def _db(fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+    async def _recover_held(self, image_id: str, held: ImageHold) -> None:
+        """``Recovery.recover`` under the image's exclusive lock ``held``: its lock files go
+        unless the image is left cached."""
+        with naming_image(image_id):
+            if await self._recovery.recover(image_id) is None:
+                held.cached = False
 
     async def _begin(self) -> None:
         """Before the first call does anything: rebuild an index that was lost (once; callers
@@ -454,24 +464,13 @@ class ImageCache:
             raise
 
     async def _rebuild_if_needed(self) -> None:
-        if not await self._db(self._index.needs_rebuild):
+        if not await self._catalog.needs_rebuild():
             return
         try:
             adopted = await self.rebuild_index()
         except InsufficientSpace as exc:  # a full VG: lists and prunes must still work
             log.info("cache index not rebuilt yet (the next process tries again): %s", exc)
             return
-        await self._db(self._index.rebuilt)
+        await self._catalog.rebuilt()
         if adopted:
             log.warning("cache index rebuilt from the disks: %s", " ".join(adopted))
-
-
-@contextlib.contextmanager
-def _about(image_id: str) -> Iterator[None]:
-    """A storage failure raised inside names the image (the VG's own errors cannot)."""
-    try:
-        yield
-    except StorageError as exc:
-        if exc.image_id is None:
-            raise type(exc)(exc.message, image_id=image_id) from exc
-        raise

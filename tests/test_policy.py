@@ -89,6 +89,12 @@ def test_removing_what_over_budget_picks_reaches_the_budget() -> None:
     assert sorted(e.last_used for e in entries) == [NOW - 1, NOW]  # the two most recent
 
 
+def test_a_last_use_ahead_of_the_clock_counts_as_a_use_now() -> None:
+    ahead = entry(NOW + 10 * 365 * 86400)
+    assert expired([ahead], in_use=(), now=NOW, min_age=0) == [ahead]
+    assert expired([ahead], in_use=(), now=NOW, min_age=100) == []
+
+
 def test_a_negative_budget_is_refused() -> None:
     with pytest.raises(InvalidInput, match="must not be negative"):
         Budget(max_bytes=-1)

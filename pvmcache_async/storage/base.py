@@ -102,6 +102,12 @@ class VolumeGroup(abc.ABC):
         disk, or none recorded: a disk the cache did not publish, or an older one)."""
         return None
 
+    async def disk_digest(self, name: str, algo: str) -> str | None:
+        """The hex digest (``algo``, a hashlib name) of disk ``name``'s bytes as read back from
+        the VG, or None where the backend cannot read its disks back (the default). A full
+        read: the cache calls it only to admit a disk into its index again (a rebuild)."""
+        return None
+
     async def create_copy(self, target: str, size: int) -> PartialDisk | None:
         """A disk for ``target`` to fill alongside a download of ``size`` bytes, or None.
 

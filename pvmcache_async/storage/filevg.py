@@ -18,7 +18,8 @@ Hostile state: nothing is followed through a symbolic link. Disks are created wi
 file) under a disk name is refused with an error naming it. Disks are created with mode 0600
 (``mode``), as they hold guests' data. A published cache disk records its image's identity in
 extended attributes (``user.pvmcache.image_id``, ``.size``, ``.digest``), read back by
-``disk_identity``; where the filesystem has no user xattrs it records nothing.
+``disk_identity``; where the filesystem has no user xattrs it records nothing. ``disk_digest``
+hashes a disk's bytes, so a disk is trusted again (a rebuilt index) only if they match.
 
 Space and speed (each choice a ``FileVGSettings`` field, measured in benchmarks/README.md):
 
@@ -47,6 +48,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -251,7 +253,18 @@ def _get_identity(path: Path) -> DiskIdentity | None:
         )
     except (OSError, ValueError, UnicodeDecodeError):
         return None  # no such disk, no xattrs here, or not recorded (not a disk we published)
+    if not algo or not digest:  # this VG always records a digest: a part missing is not ours
+        return None
     return DiskIdentity(image_id, size, algo, digest)
+
+
+def _digest_of_file(path: Path, algo: str) -> str:
+    """The ``algo`` hex digest of the regular file at ``path`` (never through a link)."""
+    # O_NONBLOCK: a FIFO planted in a disk's place must not block the open; refused below
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        _check_disk(path.name, os.fstat(fd).st_mode)
+        return hashlib.file_digest(f, algo).hexdigest()
 
 
 def _resize(fd: int, size: int, preallocating: bool) -> bool:
@@ -534,6 +547,13 @@ class FileVG(VolumeGroup):
         self, name: str, size: int, *, identity: DiskIdentity | None = None
     ) -> PartialDisk:
         return await self._create(name, size, identity)
+
+    async def disk_digest(self, name: str, algo: str) -> str | None:
+        path = self.path_of(name)
+        try:
+            return await asyncio.to_thread(_digest_of_file, path, algo)
+        except OSError as exc:
+            raise storage_error(f"reading disk {name}", exc) from exc
 
     async def create_copy(self, target: str, size: int) -> PartialDisk | None:
         await self._check_free(target)  # a bad or taken name fails now, not after the download

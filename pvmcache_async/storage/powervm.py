@@ -21,6 +21,7 @@ Each partial disk has a fresh name of its writer's own, and an owner lock in
 renamed or removed, so ``remove_dead_temporaries`` removes the partials of a dead process and
 never a live one's. ``publish`` renames the disk by the udid its own upload created, never by
 name. A published cache disk carries the image id as its label: ``disk_identity`` reads it.
+It records no digest and cannot read a disk back (``disk_digest``: the default None).
 
 PowerVM sizes disks in whole GB, so a disk is larger than the image it holds. The exact byte
 size of each disk this backend filled or cloned is kept beside the index (``state_dir/disks``),
