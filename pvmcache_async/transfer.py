@@ -269,13 +269,15 @@ class ImageCache:
 
         A ``filling`` entry whose image lock is free is what a dead process left, not a
         download: it is cleared (as ``sweep`` would) and not listed. Reads only, otherwise:
-        it works on a full VG (the clearing is then left to a later call)."""
+        it works on a full VG (the clearing is then left to a later call), and on a read-only
+        one (nothing can be cleared there: every entry is listed as it stands)."""
         await self._begin()
         listed = []
         for entry in await self._db(self._index.entries):
             if not is_cache_disk_name_of(entry.image_id, entry.cache_disk):
                 continue  # altered to name a disk not the image's: never shown, swept away
-            if entry.state is EntryState.FILLING and not self._flights.in_flight(entry.image_id):
+            clearable = not self._index.read_only and not self._flights.in_flight(entry.image_id)
+            if entry.state is EntryState.FILLING and clearable:
                 with self._locks.try_hold(entry.image_id) as held:
                     if held is not None:  # nobody is filling it: a dead writer's leftover
                         with contextlib.suppress(StorageError):
