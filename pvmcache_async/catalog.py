@@ -78,6 +78,11 @@ class Catalog:
 
     # -- rows, judged ---------------------------------------------------------------------
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the index was opened read-only (a read-only VG): nothing can be cleared."""
+        return self._index.read_only
+
     async def row(self, image_id: str) -> Judged | None:
         """The image's row judged by its values alone (no disk looked at); None: no row."""
         row = await self._call(self._index.get, image_id)

@@ -4,7 +4,9 @@ One bar per image on stderr, drawn with rich (bytes, rate, time left), for the d
 process runs or the one it waits on in another process (read from that process's progress
 record, see ``progress``). ``--progress json`` writes the same as JSON lines on stderr instead,
 so that stdout keeps only the results. Both come from polling ``ProgressBoard.snapshot`` a few
-times a second; nothing here runs inside the download.
+times a second; nothing here runs inside the download, and nothing here decides how a call
+ends: a display that fails (a stderr that cannot be written, a bug) is one warning, then shows
+nothing more, and the calls it shows go on as they would have.
 
 rich rather than tqdm: it keeps several bars in one live region that our own tick redraws
 (no refresh thread, no cursor positions to manage per bar), sends results printed meanwhile
@@ -18,10 +20,11 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Any, Literal, TypeVar
 
 from rich.console import Console
@@ -46,6 +49,7 @@ R = TypeVar("R", EnsureResult, DeployResult)
 DisplayMode = Literal["bar", "json", "none"]
 _TICK = 0.2  # seconds between two looks at the downloads
 _JSON_EVERY = 0.5  # at most this often a progress event per image
+log = logging.getLogger(__name__)
 
 
 def human_bytes(n: float) -> str:
@@ -86,6 +90,7 @@ class Display:
         self._bars: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
         self._ticker: asyncio.Task[None] | None = None
+        self._failed = False  # a step of the display failed: nothing more is shown
 
     async def track(self, image_id: str, call: Awaitable[R]) -> R:
         """Await ``call`` (an ensure or a deploy of ``image_id``) with its image on show."""
@@ -96,7 +101,7 @@ class Display:
         except InvalidInput:
             return await call  # nothing to show: the call itself says what is wrong
         self._calls[image_id] = self._calls.get(image_id, 0) + 1
-        self._start()
+        self._safely(self._start)
         try:
             result = await call
         except CacheError as exc:
@@ -129,20 +134,31 @@ class Display:
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def close(self) -> None:
-        """Stop showing, after a last look: every outcome shown."""
+        """Stop showing, after a last look: every outcome shown. Never raises."""
         ticker, self._ticker = self._ticker, None
-        if ticker is None:
-            return
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        self._tick()
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self._safely(self._tick)
         if self._bars is not None:
-            self._bars.stop()
+            bars, self._bars = self._bars, None
+            self._failed = False  # the terminal is given back even after a failure
+            self._safely(bars.stop)
+
+    def _safely(self, step: Callable[[], object]) -> None:
+        """Run one step of the display; the first that fails is one warning, and ends it."""
+        if self._failed:
+            return
+        try:
+            step()
+        except Exception as exc:
+            self._failed = True
+            log.warning("progress not shown any further: %s: %s", type(exc).__name__, exc)
 
     async def _tick_forever(self) -> None:
         while True:
-            self._tick()
+            self._safely(self._tick)
             await asyncio.sleep(_TICK)
 
     def _tick(self) -> None:

@@ -73,6 +73,11 @@ class DiskExists(StorageError):
     """A disk with the target name already exists; it is never overwritten."""
 
 
+class ReadOnly(StorageError):
+    """The volume group cannot be written (mounted read-only, or not by this user): what
+    only looks still works, and what must write says so."""
+
+
 class AuthError(CacheError):
     """Keystone refused or could not be asked: wrong credentials, unreachable, no token."""
 

@@ -26,6 +26,10 @@ until it closes. A write still needs room in the WAL, so the cache deletes disks
 writes the index after; temporary tables stay in memory. (A rollback journal would need no
 such fallback, but costs an fsync'd journal per write, far slower per touch: see
 benchmarks/README.md.) The index file and its WAL are never opened through a symbolic link.
+
+A read-only VG (mounted read-only, or not writable by this process): the index is opened
+read-only, so listing works; without a shared-memory file (none left, none can be made) it is
+read as it stands on disk (``immutable``). A write then fails as ``ReadOnly``.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InsufficientSpace, InvalidInput, StorageError, shown
+from .errors import InsufficientSpace, InvalidInput, ReadOnly, StorageError, shown
 from .glance import MAX_IMAGE_SIZE
 from .models import CacheEntry, EntryState
 from .names import validate_image_id
+from .statefiles import read_only
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -148,6 +153,11 @@ def _full(path: Path) -> bool:
 
 def _index_error(path: Path, exc: sqlite3.Error) -> StorageError:
     code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+        if read_only(path.parent):
+            return ReadOnly(f"cache index {path}: the volume group is read-only ({exc})")
+        if code & 0xFF == sqlite3.SQLITE_READONLY:
+            return ReadOnly(f"cache index {path}: read-only ({exc})")
     # a full filesystem can also surface as an I/O error (e.g. making the journal)
     if code == sqlite3.SQLITE_FULL or (code is not None and code & 0xFF == 10 and _full(path)):
         return InsufficientSpace(
@@ -172,11 +182,17 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self.read_only = read_only(path.parent)  # opened read-only: lists work, writes fail
         _refuse_links(path)
         try:
             try:
                 self._db = self._open()
             except sqlite3.OperationalError as exc:
+                if self.read_only:  # no shared-memory file can be made: read the file alone
+                    log.info("cache index %s: read-only, without shared memory (%s); read as "
+                             "it stands on disk", path, exc)  # fmt: skip
+                    self._db = self._open(immutable=True)
+                    return
                 if not _full(path):
                     raise
                 log.info("cache index %s: the volume group is full (%s); opened for this "
@@ -195,14 +211,22 @@ class Index:
         except sqlite3.Error as exc:
             raise _index_error(path, exc) from exc
 
-    def _open(self, *, alone: bool = False) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+    def _open(self, *, alone: bool = False, immutable: bool = False) -> sqlite3.Connection:
+        where: str | Path = self.path
+        if self.read_only:
+            where = self.path.absolute().as_uri() + (
+                "?mode=ro&immutable=1" if immutable else "?mode=ro"
+            )
+        db = sqlite3.connect(
+            where, timeout=60.0, isolation_level=None, check_same_thread=False, uri=self.read_only
+        )
         try:
             if alone:  # before the first access: then sqlite needs no shared-memory file
                 db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA temp_store=MEMORY")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            if not self.read_only:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
             if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
                 raise _Unreadable("its integrity check failed")
             db.execute(_SCHEMA)

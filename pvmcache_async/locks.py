@@ -23,7 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from .errors import InsufficientSpace, StorageError
+from .errors import InsufficientSpace, ReadOnly, StorageError
+from .statefiles import read_only
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -259,9 +260,16 @@ def private_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) if needed and check it is a directory, not a symlink.
 
     For the state directories that hold the index and the lock files: a symlink planted
-    there would make the cache create its files wherever it points."""
+    there would make the cache create its files wherever it points. On a read-only VG one
+    that is missing is not made (nothing could be written in it): it is returned as it is,
+    and whatever would write there fails as ``ReadOnly``."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        if not (exc.errno in (errno.EROFS, errno.EACCES) and not os.path.lexists(path)):
+            raise _refused(path, "state directory", exc) from None
+        return path
+    try:
         st = os.lstat(path)
     except OSError as exc:
         raise _refused(path, "state directory", exc) from None
@@ -276,4 +284,8 @@ def _refused(path: Path, what: str, exc: OSError) -> StorageError:
         return StorageError(f"{what} {path} is a symbolic link; refusing to follow it")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientSpace(f"{what} {path}: no space left in the volume group")
+    if exc.errno == errno.EROFS or (exc.errno == errno.ENOENT and read_only(path)):
+        return ReadOnly(f"{what} {path}: the volume group is read-only")
+    if exc.errno == errno.EACCES:
+        return ReadOnly(f"{what} {path}: read-only to this user ({exc.strerror})")
     return StorageError(f"{what} {path}: {exc.strerror or exc}")

@@ -6,24 +6,35 @@ read it from a small JSON file, ``<state_dir>/progress/<image id>.json``, which 
 replaces atomically at most ``RECORD_INTERVAL`` apart (never once per chunk) and removes when
 the download ends. A writer that died leaves its file behind: ``writer_alive`` tells a live
 download from a dead one by the pid and that process's start time (a reused pid is not alive).
+
+The records' directory is a state directory like ``locks`` (``locks.private_dir``): a writer
+makes, renames and removes its files only inside it, through a descriptor of the directory
+itself, so a link planted at its path or swapped in later never takes them elsewhere; one
+refused is one warning, and downloads go unrecorded meanwhile (progress never fails one).
+A record is read as any state file another process writes (``statefiles.read_json``): a bad
+one is one warning and no record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
-from .errors import InvalidInput
+from .errors import InvalidInput, StorageError, shown
 from .glance import Sink
+from .locks import private_dir
 from .names import validate_image_id
+from .statefiles import open_directory, read_json, warn_once
 
 __all__ = [
     "RECORD_INTERVAL",
@@ -35,7 +46,11 @@ __all__ = [
 ]
 
 RECORD_INTERVAL = 0.25  # seconds between two writes of a record file
+RECORD_CAP = 4096  # bytes: a record takes about 250; a larger file is not one
 _RATE_WINDOW = 5.0  # seconds of samples the rate is taken over
+_COUNT_LIMIT = 1 << 63  # bytes, rates and clock ticks in a record are below it
+_PID_LIMIT = (1 << 22) + 1  # the largest pid_max Linux allows, and one
+_TIME_LIMIT = 1e11  # unix time: far beyond any clock, still a date datetime can show
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,26 +105,96 @@ def writer_alive(record: ProgressRecord) -> bool:
     return True
 
 
-def _record_path(state_dir: Path, image_id: str) -> Path:
-    return state_dir / "progress" / f"{validate_image_id(image_id)}.json"
+def _records_dir(state_dir: Path) -> Path:
+    return state_dir / "progress"
+
+
+def _whole(raw: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = raw[key]
+    if type(value) is not int or not low <= value < high:
+        raise ValueError(f"{key} is {shown(value)}")
+    return value
+
+
+def _real(raw: dict[str, Any], key: str, high: float) -> float:
+    value = raw[key]
+    if type(value) not in (int, float) or not 0 <= value < high:  # nan and inf too
+        raise ValueError(f"{key} is {shown(value)}")
+    return float(value)
+
+
+def _record_of(image_id: str) -> Callable[[dict[str, Any]], ProgressRecord]:
+    """The parser of the image's record: every field there, of its type and in its range."""
+
+    def parse(raw: dict[str, Any]) -> ProgressRecord:
+        missing = sorted({f.name for f in fields(ProgressRecord)} - raw.keys())
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        if raw["image_id"] != image_id:
+            raise ValueError(f"it names image {shown(raw['image_id'])}")
+        start = None if raw["pid_start"] is None else _whole(raw, "pid_start", 0, _COUNT_LIMIT)
+        return ProgressRecord(
+            image_id,
+            done=_whole(raw, "done", 0, _COUNT_LIMIT),
+            total=_whole(raw, "total", 0, _COUNT_LIMIT),
+            rate=_real(raw, "rate", _COUNT_LIMIT),
+            pid=_whole(raw, "pid", 1, _PID_LIMIT),
+            pid_start=start,
+            started=_real(raw, "started", _TIME_LIMIT),
+            updated=_real(raw, "updated", _TIME_LIMIT),
+        )
+
+    return parse
 
 
 def read_record(state_dir: Path, image_id: str) -> ProgressRecord | None:
-    """The last record of the image's download, by any process; None if there is none."""
+    """The last record of the image's download, by any process; None if there is none, or
+    if its file is not a record (one warning: see ``statefiles.read_json``)."""
     try:
-        raw = json.loads(_record_path(state_dir, image_id).read_text())
-        record = ProgressRecord(**raw)
-    except (OSError, ValueError, TypeError, InvalidInput):
-        return None  # none, or not one of ours: nothing to show
-    return record if record.image_id == image_id else None
+        image_id = validate_image_id(image_id)
+    except InvalidInput:
+        return None  # not an image of ours: no record of it
+    return read_json(
+        _records_dir(state_dir),
+        f"{image_id}.json",
+        _record_of(image_id),
+        what="progress record",
+        cap=RECORD_CAP,
+    )
+
+
+def _open_records(state_dir: Path, *, create: bool) -> int | None:
+    """The records' directory, open (made first with ``create``); None if it is absent, or
+    refused (a link, not a directory): one warning, once for every use of it."""
+    directory = _records_dir(state_dir)
+    try:
+        return open_directory(private_dir(directory) if create else directory)
+    except FileNotFoundError:
+        return None
+    except (StorageError, OSError) as exc:  # OSError: a link swapped in since private_dir
+        why = exc.message if isinstance(exc, StorageError) else f"state directory {directory}"
+        if isinstance(exc, OSError):
+            why += " is a symbolic link" if exc.errno == errno.ELOOP else f": {exc.strerror}"
+        warn_once(directory, f"progress of downloads not recorded: {why}")
+        return None
 
 
 def discard_record(state_dir: Path, image_id: str) -> None:
     """Remove the image's record and any writer's temporary (a dead writer's, found under the
-    image's lock)."""
-    path = _record_path(state_dir, image_id)
-    for leftover in [path, *path.parent.glob(f".{image_id}.*.tmp")]:
-        leftover.unlink(missing_ok=True)
+    image's lock), inside the records' own directory; what cannot be removed stays."""
+    image_id = validate_image_id(image_id)
+    directory = _open_records(state_dir, create=False)
+    if directory is None:
+        return
+    try:
+        for name in os.listdir(directory):
+            if name == f"{image_id}.json" or (
+                name.startswith(f".{image_id}.") and name.endswith(".tmp")
+            ):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=directory)
+    finally:
+        os.close(directory)
 
 
 class Meter:
@@ -121,8 +206,11 @@ class Meter:
     """
 
     def __init__(self, state_dir: Path, image_id: str, total: int) -> None:
-        self._path = _record_path(state_dir, image_id)
-        self._tmp = self._path.with_name(f".{image_id}.{os.getpid()}.tmp")  # this writer's own
+        self._state_dir = state_dir
+        self._directory = _records_dir(state_dir)
+        self._dir_fd: int | None = None  # the directory, open; None before the first write
+        self._name = f"{validate_image_id(image_id)}.json"
+        self._tmp = f".{image_id}.{os.getpid()}.tmp"  # this writer's own
         now = time.time()
         self._record = ProgressRecord(
             image_id, 0, total, 0.0, os.getpid(), _process_start(os.getpid()), now, now
@@ -167,26 +255,50 @@ class Meter:
 
     def _write(self, record: ProgressRecord) -> None:
         with self._closing:  # a write still in its thread never brings a closed record back
-            if self._closed:
+            if self._closed or (directory := self._records()) is None:
                 return
             try:
-                self._path.parent.mkdir(exist_ok=True)
                 # a fresh file of this writer's own: never through a link planted at its name
-                self._tmp.unlink(missing_ok=True)
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                with os.fdopen(os.open(self._tmp, flags, 0o644), "w") as out:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._tmp, dir_fd=directory)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(self._tmp, flags, 0o644, dir_fd=directory), "w") as out:
                     out.write(json.dumps(asdict(record)))
-                os.replace(self._tmp, self._path)  # replaces a link at the path, not its target
+                # replaces a link at the name, not its target
+                os.replace(self._tmp, self._name, src_dir_fd=directory, dst_dir_fd=directory)
             except OSError:
                 pass  # progress is for people watching; it never fails a download
+
+    def _records(self) -> int | None:
+        """The records' directory, open (again, if its path now names another one); None
+        while it is refused (see ``_open_records``)."""
+        if self._dir_fd is not None:
+            held = os.fstat(self._dir_fd)
+            try:
+                now = os.lstat(self._directory)
+            except OSError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return self._dir_fd
+            self._remove_own()  # from the directory it was in, which its path no longer names
+        self._dir_fd = _open_records(self._state_dir, create=True)
+        return self._dir_fd
 
     def close(self) -> None:
         """Remove the record; no write comes after."""
         with self._closing:
             self._closed = True
-            for path in (self._tmp, self._path):
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
+            self._remove_own()
+
+    def _remove_own(self) -> None:
+        """Remove this writer's record and temporary, and close their directory."""
+        directory, self._dir_fd = self._dir_fd, None
+        if directory is None:
+            return  # nothing written
+        for name in (self._tmp, self._name):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=directory)
+        os.close(directory)
 
 
 class _Metered:

@@ -269,14 +269,16 @@ class ImageCache:
 
         A ``filling`` entry whose image lock is free is what a dead process left, not a
         download: it is cleared (as ``sweep`` would) and not listed. Reads only, otherwise:
-        it works on a full VG (the clearing is then left to a later call)."""
+        it works on a full VG (the clearing is then left to a later call), and on a read-only
+        one (nothing can be cleared there: every entry is listed as it stands)."""
         await self._begin()
         listed = []
         for judged in await self._catalog.rows():
             entry = judged.entry
             if entry is None or judged.trust not in (Trust.READY, Trust.FILLING):
                 continue  # never shown: a sweep or the next deploy drops it
-            if judged.trust is Trust.FILLING and not self._flights.in_flight(entry.image_id):
+            clearable = not self._catalog.read_only and not self._flights.in_flight(entry.image_id)
+            if judged.trust is Trust.FILLING and clearable:
                 with self._locks.try_hold(entry.image_id) as held:
                     if held is not None:  # nobody is filling it: a dead writer's leftover
                         with contextlib.suppress(StorageError):

@@ -324,3 +324,24 @@ def test_output_that_cannot_be_written_is_one_line_and_a_failing_status(
     assert out.returncode == 1
     [line] = out.stderr.splitlines()
     assert line.startswith("pvmcache-async: writing the results to stdout failed ("), line
+
+
+@pytest.mark.parametrize("where", ["full disk", "closed pipe"])
+def test_a_deploy_whose_progress_cannot_be_shown_exits_0_with_its_disk(
+    glance_server: GlanceServer, tmp_path: Path, where: str
+) -> None:
+    data = disk_image(MiB, seed=39)
+    img = glance_server.create_image(data)
+    stderr = os.open("/dev/full", os.O_WRONLY) if where == "full disk" else _closed_pipe()
+    args = ["deploy", img, "--instance", str(uuid.uuid4()), "--progress", "json", "--json"]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pvmcache_async", "--glance-url", glance_server.url,
+             "--vg", f"file:{tmp_path}", *args],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(stderr)
+    assert out.returncode == 0  # the disk was made: what shows its progress cannot fail it
+    row = json.loads(out.stdout)
+    assert row["result"] == "miss" and (tmp_path / row["disk"]).read_bytes() == data
