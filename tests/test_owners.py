@@ -27,7 +27,7 @@ from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX, is_temporary_name
 from pvmcache_async.storage.filevg import HOLE_BLOCK, FileVG, probe_reflink
 
 from .faultproxy import ThreadedFaultProxy, stall
-from .support import disk_image, run_cli, start_cli, vg_files, wait_for
+from .support import PLANTED, disk_image, plant, run_cli, start_cli, vg_files, wait_for
 
 MiB = 1 << 20
 
@@ -105,6 +105,65 @@ def test_a_killed_download_is_swept_even_after_its_state_directory_was_removed(
 
     assert out.returncode == 0, out.stderr
     assert vg_files(vg) == []
+
+
+# -- item 10: one bad state file never fails a prune ---------------------------------------
+
+
+@pytest.mark.parametrize("kind", PLANTED)
+def test_a_planted_state_file_is_skipped_with_a_warning_and_the_rest_is_pruned(
+    glance_server: GlanceServer, tmp_path: Path, kind: str
+) -> None:
+    vg, target = tmp_path / "vg", tmp_path / "target"
+    target.write_bytes(b"not the cache's")
+    images = [glance_server.create_image(disk_image(MiB, seed=153 + i)) for i in range(2)]
+    for img in images:
+        assert run_cli(glance_server.url, vg, "prefetch", img).returncode == 0
+    locks, owners = vg / ".pvmcache" / "locks", vg / ".pvmcache" / "owners"
+    owners.mkdir(exist_ok=True)  # where an older version kept owner locks
+    planted = [
+        locks / f"{uuid.uuid4()}.lock",
+        locks / f"{uuid.uuid4()}.use",
+        owners / "p_0123456789abc.lock",
+        vg / "p_0123456789abc",  # under a temporary disk's name
+    ]
+    for path in planted:
+        plant(path, kind, target)
+
+    out = run_cli(None, vg, "prune", "--min-age", "0", "--json")
+
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["removed"]) == 2  # both images pruned
+    assert [r for r in json.loads(run_cli(None, vg, "ls", "--json").stdout)] == []
+    warnings = out.stderr.strip().splitlines()
+    for path in planted[:2] + planted[3:]:  # owner files: not read by a file VG at all
+        assert sum(str(path) in line for line in warnings) == 1, (path, out.stderr)
+    assert all("WARNING" in line for line in warnings), out.stderr
+    for path in planted:
+        assert os.path.lexists(path)  # skipped, not removed nor followed
+    assert target.read_bytes() == b"not the cache's"
+
+
+def test_an_image_whose_lock_file_was_replaced_by_a_symlink_is_kept_and_the_rest_pruned(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    vg, target = tmp_path / "vg", tmp_path / "target"
+    target.write_bytes(b"not the cache's")
+    kept, pruned = (glance_server.create_image(disk_image(MiB, seed=156 + i)) for i in range(2))
+    for img in (kept, pruned):
+        assert run_cli(glance_server.url, vg, "prefetch", img).returncode == 0
+    lock = vg / ".pvmcache" / "locks" / f"{kept}.lock"
+    lock.unlink()
+    lock.symlink_to(target)
+
+    out = run_cli(None, vg, "prune", "--min-age", "0", "--json")
+
+    assert out.returncode == 0, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert str(lock) in line and "symbolic link" in line
+    [row] = json.loads(run_cli(None, vg, "ls", "--json").stdout)
+    assert row["image_id"] == kept and len(json.loads(out.stdout)["removed"]) == 1
+    assert target.read_bytes() == b"not the cache's"
 
 
 # -- the writer's side of the lock: from the file's creation to its publish ----------------
