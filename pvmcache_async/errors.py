@@ -65,6 +65,11 @@ class StorageError(CacheError):
     """The volume group refused an operation."""
 
 
+class UntrustedFile(StorageError):
+    """A file where the cache keeps its own (a lock file, a temporary disk) is not one it made:
+    a symbolic link, a FIFO, a directory. Never followed nor used; a sweep skips it, warning."""
+
+
 class InsufficientSpace(StorageError):
     """The volume group has no room for the image."""
 

@@ -11,17 +11,23 @@ Each image has two lock files in the VG's state directory (``locks/``):
 A lock file outlives its holder only while its image is cached: ``hold`` and ``try_hold``
 remove it, under the lock, when the holder says the image is not cached (``ImageHold.cached``).
 Waiters on a removed file notice and lock a new one (``FileLock``).
+
+A lock file that is not a regular file (a symlink, a FIFO, a directory planted there) is
+never used: what waits for it (a deploy) fails with one line naming it, and what only tries
+(``try_hold``, ``try_use``: a sweep, a prune) warns and takes it as busy, so the image
+is left as it is and the others go on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput
-from .locks import FileLock, private_dir
+from .locks import FileLock, private_dir, try_or_skip
 from .names import validate_image_id
 
 
@@ -69,9 +75,10 @@ class ImageLocks:
     @contextlib.contextmanager
     def try_hold(self, image_id: str) -> Iterator[ImageHold | None]:
         """Hold the image's lock exclusively if it is free now (else yield None); never waits.
-        The image is presumed cached until the body says otherwise."""
+        The image is presumed cached until the body says otherwise. A lock file that cannot
+        be trusted is busy (None), with a warning."""
         lock = self.lock(image_id)
-        if not lock.try_acquire():
+        if not try_or_skip(lock):
             yield None
             return
         held = ImageHold(waited=False, cached=True)
@@ -95,13 +102,18 @@ class ImageLocks:
         finally:
             use.release()
 
+    def try_use(self, image_id: str) -> FileLock | None:
+        """The image's use lock held exclusively if no deploy holds it now (a removal), else
+        None; never waits. A use lock file that cannot be trusted is busy, with a warning."""
+        use = self.use(image_id)
+        return use if try_or_skip(use) else None
+
     def drop_use_file(self, image_id: str) -> None:
         """Remove the image's use lock file if the image is not cached (it has no lock file)
         and no deploy holds it."""
-        if self.lock(image_id).path.exists():
+        if os.path.lexists(self.lock(image_id).path):
             return
-        use = self.use(image_id)
-        if use.try_acquire():
+        if (use := self.try_use(image_id)) is not None:
             use.unlink_and_release()
 
     def image_ids(self) -> set[str]:

@@ -4,10 +4,12 @@
 concurrent reads of one slow source share one read that began after each of them was asked
 for. ``FileLock`` is an advisory ``flock`` on a file, shared or exclusive, that holds between
 processes (and between tasks of one process: each holder opens its own file description).
-``OwnerLocks`` tells a dead writer's temporary disks from a live one's.
+``OwnerLocks`` tells a dead writer's temporary disks from a live one's where the disk has no
+local file to lock (the PowerVM VG; a file VG locks the temporary's own file instead).
 
 Lock files and their directories are never followed through a symbolic link: one planted in
-the state directory is refused, so no lock can create or truncate a file elsewhere.
+the state directory is refused (``UntrustedFile``), so no lock can create or truncate a file
+elsewhere, and so is anything else not a regular file (a FIFO, a directory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import stat
 import time
@@ -23,9 +26,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from .errors import InsufficientSpace, ReadOnly, StorageError
+from .errors import InsufficientSpace, ReadOnly, StorageError, UntrustedFile
 from .statefiles import read_only
 
+log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -151,15 +155,20 @@ class FileLock:
         return self._fd is not None
 
     def try_acquire(self) -> bool:
-        """Take the lock if it is free now; never waits."""
+        """Take the lock if it is free now; never waits. A lock file that is not a regular
+        file of its own (a symlink, a FIFO, a directory) raises ``UntrustedFile``."""
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this holder")
         mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        # O_NONBLOCK: a FIFO planted here must not block the open (it is refused just after)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
             raise _refused(self.path, "lock file", exc) from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UntrustedFile(f"lock file {self.path} is not a regular file; refusing it")
             fcntl.flock(fd, mode)
         except BlockingIOError:
             os.close(fd)
@@ -217,7 +226,9 @@ class FileLock:
 class OwnerLocks:
     """Owner locks of temporary disks: one lock file per disk name in ``directory``.
 
-    A writer holds ``<name>.lock`` exclusively (``own``) from before its temporary disk exists
+    For a backend whose temporary disks have no local file that their writer could lock (the
+    PowerVM VG); a file VG's writer locks its temporary's own file (``storage.filevg``). A
+    writer holds ``<name>.lock`` exclusively (``own``) from before its temporary disk exists
     until after the disk is gone (``disown``). The kernel drops the lock when the writer dies,
     so a free lock, or none, marks a dead writer's leftover, and a held one a live writer's,
     in any process; ``dead`` takes the locks of the dead ones so their disks can be removed.
@@ -245,15 +256,26 @@ class OwnerLocks:
     def dead(self, names: Iterable[str], prefixes: tuple[str, ...]) -> list[FileLock]:
         """Hold the owner locks of the disks ``names`` and of the owner files starting with
         ``prefixes`` whose writer is dead; the caller removes each disk, then ``disown``s it.
-        A lock held by a live writer, in this process or another, is skipped."""
+        A lock held by a live writer, in this process or another, is skipped; so is an owner
+        file that is not a regular file (planted: one warning each), and its disk kept."""
         paths = [self.directory / f"{name}.lock" for name in names]
         paths += sorted(p for p in self.directory.glob("*.lock") if p.name.startswith(prefixes))
         held = []
         for path in dict.fromkeys(paths):  # each once, disks first
             owner = FileLock(path)
-            if owner.try_acquire():
+            if try_or_skip(owner):
                 held.append(owner)
         return held
+
+
+def try_or_skip(lock: FileLock) -> bool:
+    """``lock.try_acquire()`` for those that only try (a sweep, a prune): a lock file that
+    cannot be trusted (``UntrustedFile``) counts as busy, with one warning naming it."""
+    try:
+        return lock.try_acquire()
+    except UntrustedFile as exc:
+        log.warning("%s (skipped)", exc)
+        return False
 
 
 def private_dir(path: Path) -> Path:
@@ -281,7 +303,9 @@ def private_dir(path: Path) -> Path:
 
 def _refused(path: Path, what: str, exc: OSError) -> StorageError:
     if exc.errno == errno.ELOOP:
-        return StorageError(f"{what} {path} is a symbolic link; refusing to follow it")
+        return UntrustedFile(f"{what} {path} is a symbolic link; refusing to follow it")
+    if exc.errno in (errno.EISDIR, errno.ENXIO):  # a directory, a socket
+        return UntrustedFile(f"{what} {path} is not a regular file; refusing it")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientSpace(f"{what} {path}: no space left in the volume group")
     if exc.errno == errno.EROFS or (exc.errno == errno.ENOENT and read_only(path)):

@@ -12,7 +12,7 @@ and use only ``[a-z0-9_]``, so they are also safe file names in a file VG.
 * partial download: ``p_`` + 13 random characters, fresh for every writer: no two writers
   (processes, attempts) ever share one, so publishing a partial can only ever publish what its
   own writer wrote. Never an ``i_`` name, so no partial data is visible under a cache disk
-  name. A crash's partials are found by their owner locks (``locks.OwnerLocks``), not by name.
+  name. A crash's partials are found by their writers' locks (``storage``), not by name.
 * temporary disk (a clone or a deploy's copy being written): ``t_`` + 13 random characters.
 """
 

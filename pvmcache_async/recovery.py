@@ -3,8 +3,8 @@ rebuilt from the disks' recorded identities.
 
 The kernel drops a dead process's ``flock``, so whoever next holds an image's lock
 exclusively knows that no live process is filling it: a ``filling`` entry is then a crash's
-leftover (``recover``). Partial disks have names of their writer's own and owner locks
-(``storage``): the VG removes a dead writer's and never a live one's. What a row is worth is
+leftover (``recover``). Partial disks have names of their writer's own and are held by
+it (``storage``): the VG removes a dead writer's and never a live one's. What a row is worth is
 the catalog's to say (``catalog.Trust``); recovery acts on it.
 """
 

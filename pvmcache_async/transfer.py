@@ -309,9 +309,8 @@ class ImageCache:
         with self._locks.try_hold(image_id) as held:
             if held is None:
                 return False
-            use = self._locks.use(image_id)
             # a download may have started meanwhile; it waits for this lock, so keep the image
-            if self._flights.in_flight(image_id) or not use.try_acquire():
+            if self._flights.in_flight(image_id) or (use := self._locks.try_use(image_id)) is None:
                 return False  # ... and a deploy holds the use lock from start to end
             try:
                 judged = await self._catalog.row(image_id)

@@ -91,6 +91,21 @@ class GatedVG(FileVG):
         return real if free is None else type(real)(total=real.total, free=free)
 
 
+PLANTED = ["symlink", "fifo", "directory"]  # what a hostile operator leaves for a file
+
+
+def plant(path: Path, kind: str, target: Path) -> None:
+    """Leave at ``path`` what an operator or attacker would instead of a file the cache made:
+    a symlink to ``target``, a FIFO or a directory (``PLANTED``)."""
+    if kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        assert kind == "directory", kind
+        path.mkdir()
+
+
 def write_random_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         f.write(os.urandom(size))

@@ -199,7 +199,7 @@ def test_a_symlinked_lock_file_is_refused_and_nothing_is_written_through_it(
     assert glance_server.file_requests(img) == 0
 
 
-@pytest.mark.parametrize("state_dir", ["locks", "owners"])
+@pytest.mark.parametrize("state_dir", ["locks"])
 def test_a_symlinked_state_directory_is_refused(
     glance_server: GlanceServer, tmp_path: Path, state_dir: str
 ) -> None:
@@ -546,7 +546,6 @@ async def test_an_interrupted_deploy_leaves_nothing_and_the_instance_deploys_aga
             await cache.close()
             runner.release_stalls()
     assert vg_files(root) == []
-    assert list((root / ".pvmcache" / "owners").iterdir()) == []
     assert list((root / ".pvmcache" / "locks").iterdir()) == []
 
     cache = ImageCache(FileVG(root), GlanceClient(glance_server.url))

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.locks import FileLock, SharedRead, SingleFlight
+from pvmcache_async.errors import UntrustedFile
+from pvmcache_async.locks import FileLock, OwnerLocks, SharedRead, SingleFlight
+
+from .support import PLANTED, plant
 
 
 async def test_concurrent_calls_for_one_key_share_one_execution() -> None:
@@ -212,6 +215,37 @@ def test_a_lock_file_removed_between_open_and_flock_is_not_trusted(
     assert not FileLock(path).try_acquire()  # it holds the file now at the path
     lock.release()
     assert FileLock(path).try_acquire()
+
+
+@pytest.mark.parametrize("kind", PLANTED)
+def test_a_lock_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    path, target = tmp_path / "img.lock", tmp_path / "target"
+    plant(path, kind, target)
+    with pytest.raises(UntrustedFile, match=f"lock file {path} is"):
+        FileLock(path).try_acquire()
+    assert not target.exists()  # nothing created through a link
+
+
+def test_owner_locks_skip_what_was_planted_among_them_and_find_the_dead(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the PowerVM VG's owner locks: one planted file must not hide the others, nor fail
+    owners = OwnerLocks(tmp_path)
+    live = owners.own("p_live000000000")
+    (tmp_path / "p_dead000000000.lock").touch()  # its writer died: nobody holds it
+    planted = [tmp_path / f"p_{kind[:4]}000000000.lock" for kind in PLANTED]
+    for path, kind in zip(planted, PLANTED, strict=True):
+        plant(path, kind, tmp_path / "target")
+
+    dead = owners.dead(["p_live000000000", "p_syml000000000"], ("p_",))
+
+    assert [OwnerLocks.name_of(o) for o in dead] == ["p_dead000000000"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [sum(str(p) in w for w in warnings) for p in planted] == [1, 1, 1], warnings
+    for owner in dead:
+        OwnerLocks.disown(owner)
+    OwnerLocks.disown(live)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in planted)
 
 
 class _Source:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.devglance import GlanceServer
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for

@@ -12,8 +12,15 @@ Contract shared by every backend:
   per writer, and a partial disk whose name now holds another disk is not published.
 * A published cache disk carries its identity (``DiskIdentity``) with it, so that the cache
   can tell its own disks and rebuild a lost index from the VG alone.
-* Temporary disks (partials, clones being made) are owned by their writer; a dead writer's
-  are found by ``remove_dead_temporaries``, a live writer's are never touched.
+* Temporary disks (partials, clones and copies being made) are owned by their writer from
+  before they can be seen until they are published or gone. Ownership rests on something
+  the writer holds that no ``rm`` under the state directory can take away, and that the
+  kernel drops when the writer dies (the file VG: an exclusive ``flock`` on the temporary's
+  own open file; a backend without a local file: an owner lock held, ``locks.OwnerLocks``).
+  ``remove_dead_temporaries`` removes a dead writer's, proven dead by taking that hold
+  itself; a live writer's is never touched, whatever state files are missing.
+* What a sweep cannot trust (a symlink, a FIFO or a directory under a temporary's name or
+  among the state files) is skipped with one warning naming it; it never fails the sweep.
 * Blocking work (system calls, REST calls) runs off the event loop thread.
 """
 
@@ -146,7 +153,8 @@ class VolumeGroup(abc.ABC):
         return their names.
 
         Must never touch a temporary disk that a live process, this one included, still
-        uses. The default has none to remove.
+        uses; skips, with a warning, what it cannot trust (see the module docstring). The
+        default has none to remove.
         """
         return []
 

@@ -7,11 +7,14 @@ a temporary name of its writer's own; publishing hard-links the very file its wr
 nothing is ever overwritten), then unlinks the temporary name if it still names that file.
 Whatever happened to the temporary name meanwhile, only the writer's own bytes are published.
 
-Every temporary disk (a partial download ``p_``, a clone or copy being made ``t_``) has an
-owner holding an exclusive ``flock`` on ``.pvmcache/owners/<name>.lock`` from before the file
-exists until after it is gone (``locks.OwnerLocks``). The kernel drops the lock when the owner
-dies, so ``remove_dead_temporaries`` can tell a file that a SIGKILL left (lock free, or no lock
-file) from one still being written (lock held).
+Every temporary disk (a partial download ``p_``, a clone or copy being made ``t_``) is owned
+by its writer's open file: the writer holds an exclusive ``flock`` on the file itself, on its
+own descriptor, from the moment it creates it (``create_owned``) until the file is published
+or unlinked, and only then closes it. Nothing in a state directory says who owns what, so an
+``rm`` of ``.pvmcache`` cannot make a live writer's file look dead. The kernel drops the lock
+when the writer dies; ``remove_dead_temporaries`` proves a writer dead only by taking that
+``flock`` itself (non-blocking) on the file it found, and unlinks the name only if it still
+names that very file.
 
 Hostile state: nothing is followed through a symbolic link. Disks are created with
 ``O_EXCL | O_NOFOLLOW``, opened with ``O_NOFOLLOW``, and a symlink (or anything but a regular
@@ -49,6 +52,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -59,9 +63,10 @@ from typing import Literal, cast
 
 import aiofiles.os
 
+from ..aio import complete_or_undo
 from ..errors import DiskExists, InvalidInput, StorageError
-from ..locks import FileLock, OwnerLocks, private_dir
-from ..names import CLONE_PREFIX, PARTIAL_PREFIX, is_temporary_name, temporary_disk_name
+from ..locks import private_dir
+from ..names import is_temporary_name, temporary_disk_name
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
 from .checks import check_disk_name, storage_error
 
@@ -81,6 +86,7 @@ _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 _PROC_FD = Path("/proc/self/fd")
 _AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400  # linux/fcntl.h
 CloneMethod = Literal["auto", "reflink", "sparse", "copy"]
+log = logging.getLogger(__name__)
 
 
 def _libc(name: str, *argtypes: type) -> Callable[[int, int, int, int], int] | None:
@@ -189,6 +195,76 @@ def _check_disk(name: str, mode: int) -> None:
         raise StorageError(f"disk {name} is not a regular file; refusing it")
 
 
+def create_owned(path: Path, mode: int) -> int:
+    """Create the file of a new temporary disk at ``path`` and return it open for writing,
+    held by the caller: an exclusive ``flock`` on this descriptor, which the caller keeps until
+    the file is published or unlinked (then closes it). Never through a symlink, never an
+    existing file (``FileExistsError``). Blocking: worker threads only.
+
+    A sweep may find the file in the instant between its creation and its lock, take it for a
+    dead writer's and unlink it; the name then no longer names the file locked here, and the
+    file is made again.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        fd = os.open(path, flags, mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a sweep looks at the file
+            if _names(path, fd):
+                os.fchmod(fd, mode)  # exactly the mode asked, whatever the umask
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # swept before it was ours: make it again
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` names the file open as ``fd`` (not a file unlinked or replaced)."""
+    try:
+        st, at = os.fstat(fd), os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (at.st_dev, at.st_ino)
+
+
+def remove_if_dead(path: Path) -> bool:
+    """Unlink the temporary disk ``path`` if its writer is dead; return whether it was.
+
+    Dead means nobody holds the ``flock`` its writer takes on it (``create_owned``): this
+    takes it, without waiting, on the file found at ``path``, and unlinks the name only if it
+    still names that file. A live writer's file, in any process, is never touched. What is
+    not a regular file (a symlink, a FIFO, a directory planted under a temporary's name) is
+    not a disk the cache made: it is left, with one warning.
+    """
+    try:  # O_NONBLOCK: a FIFO must not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # published or discarded meanwhile
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            log.warning(
+                "temporary disk %s is a symbolic link; refusing to follow it (skipped)", path
+            )
+        else:
+            log.warning("temporary disk %s cannot be opened: %s (skipped)", path, exc.strerror)
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            log.warning("temporary disk %s is not a regular file; refusing it (skipped)", path)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its writer is alive
+        if not _names(path, fd):
+            return False  # gone, or made again by a new writer
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)  # drops the lock: a writer that was about to lock it makes a new file
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -220,6 +296,15 @@ def _link_new(fd: int, tmp: Path, final: Path, final_name: str) -> None:
         ) from None
     _unlink_if(tmp, ino)
     _fsync_dir(final.parent)
+
+
+def _drop(path: Path, fd: int) -> None:
+    """Unlink ``path`` if it names the file open as ``fd``, then close ``fd`` (and so drop
+    its writer's lock): in this order, no sweep ever sees a live writer's file unlocked."""
+    try:
+        _unlink_if(path, os.fstat(fd).st_ino)
+    finally:
+        os.close(fd)
 
 
 def _unlink_if(path: Path, ino: int) -> None:
@@ -329,25 +414,18 @@ class FilePartialDisk(PartialDisk):
         path: Path,
         fd: int,
         size: int,
-        owner: FileLock,
         preallocated: bool,
         identity: DiskIdentity | None,
     ) -> None:
         self.name = name
         self._vg = vg
         self._path = path
-        self._fd: int | None = fd
+        self._fd: int | None = fd  # holds the file's flock: closed once published or unlinked
         self._size = size
         self._preallocated = preallocated  # its room taken up front: zero runs are punched out
         self._offset = 0
-        self._owner: FileLock | None = owner  # held until the file is published or gone
         self._identity = identity
         self._ino = os.fstat(fd).st_ino  # only this file is ever unlinked as this partial
-
-    def _disown(self) -> None:
-        if self._owner is not None:
-            owner, self._owner = self._owner, None
-            OwnerLocks.disown(owner)
 
     def _handle(self) -> int:
         if self._fd is None:
@@ -392,8 +470,7 @@ class FilePartialDisk(PartialDisk):
         except OSError as exc:
             raise storage_error(f"publishing {self.name} as {final_name}", exc) from exc
         self._fd = None
-        os.close(fd)
-        self._disown()
+        os.close(fd)  # published, its temporary name gone: the lock may go
 
     def _publish_sync(self, fd: int, final: Path, final_name: str) -> None:
         os.ftruncate(fd, self._offset)  # trailing holes count too
@@ -403,12 +480,11 @@ class FilePartialDisk(PartialDisk):
         _link_new(fd, self._path, final, final_name)
 
     async def discard(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            with contextlib.suppress(OSError):  # the data is thrown away: only unlink matters
-                os.close(fd)
-        await asyncio.to_thread(_unlink_if, self._path, self._ino)
-        self._disown()
+        fd, self._fd = self._fd, None
+        if fd is None:  # published or discarded already; a name left is not this writer's
+            await asyncio.to_thread(_unlink_if, self._path, self._ino)
+        else:
+            await asyncio.to_thread(_drop, self._path, fd)
 
 
 def _copy_range(sfd: int, dfd: int, start: int, end: int, piece: int = _COPY_CHUNK) -> None:
@@ -510,7 +586,6 @@ class FileVG(VolumeGroup):
         except OSError as exc:
             raise StorageError(f"file VG {root}: cannot create it ({exc.strerror})") from exc
         private_dir(self.state_dir)
-        self.owners = OwnerLocks(private_dir(self.state_dir / "owners"))
 
     def path_of(self, name: str) -> Path:
         """The file of disk ``name``; the name is checked so it can only be a plain file name."""
@@ -565,42 +640,37 @@ class FileVG(VolumeGroup):
         if await self.disk_size(name) is not None:
             raise DiskExists(f"disk {name} already exists in the volume group")
 
-    def _open_new(self, path: Path) -> int:
-        """Create the file of a new disk: never through a symlink, never an existing file."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        mode = self.settings.mode
-        fd = os.open(path, flags, mode)
-        try:
-            os.fchmod(fd, mode)  # exactly the mode asked, whatever the umask
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
     async def _create(self, name: str, size: int, identity: DiskIdentity | None) -> FilePartialDisk:
         path = self.path_of(name)
-        owner = await asyncio.to_thread(self.owners.own, name)
-        try:
-            try:
-                fd = await asyncio.to_thread(self._open_new, path)
-            except FileExistsError:
-                raise DiskExists(
-                    f"partial disk {name} already exists in the volume group"
-                ) from None
-            except OSError as exc:
-                raise storage_error(f"creating partial disk {name}", exc) from exc
-            try:
-                preallocated = await asyncio.to_thread(_resize, fd, size, self.settings.preallocate)
-            except OSError as exc:
-                os.close(fd)
-                await aiofiles.os.unlink(path)
-                raise storage_error(f"creating partial disk {name} of {size} bytes", exc) from exc
-        except BaseException:
-            OwnerLocks.disown(owner)
-            raise
+        made: list[tuple[int, bool]] = []  # the thread's file, for a cancelled call to undo
+
+        async def make() -> None:
+            made.append(await asyncio.to_thread(self._new_file, path, size))
+
+        try:  # cancelled, it leaves no file: a live process's file would stay locked for good
+            await complete_or_undo(make(), lambda: asyncio.to_thread(_drop, path, made[0][0]))
+        except FileExistsError:
+            raise DiskExists(f"partial disk {name} already exists in the volume group") from None
+        except OSError as exc:
+            raise storage_error(f"creating partial disk {name}", exc) from exc
+        fd, preallocated = made[0]
         if size > 0 and self.settings.preallocate:
             self._preallocate_works = preallocated  # what happened, over what the probe foresaw
-        return FilePartialDisk(self, name, path, fd, size, owner, preallocated, identity)
+        return FilePartialDisk(self, name, path, fd, size, preallocated, identity)
+
+    def _new_file(self, path: Path, size: int) -> tuple[int, bool]:
+        """A new temporary disk of ``size`` bytes, owned (``create_owned``); whether its room
+        was allocated."""
+        fd = create_owned(path, self.settings.mode)
+        try:
+            return fd, _resize(fd, size, self.settings.preallocate)
+        except BaseException as exc:
+            _drop(path, fd)
+            if isinstance(exc, OSError):
+                raise storage_error(
+                    f"creating partial disk {path.name} of {size} bytes", exc
+                ) from exc
+            raise
 
     async def reserves_space(self) -> bool:
         if not self.settings.preallocate:
@@ -645,44 +715,25 @@ class FileVG(VolumeGroup):
             copy_sparse(sfd, dfd, size, piece)
 
     def _clone_sync(self, src: Path, tmp: Path, dst: Path, target: str) -> None:
-        owner = self.owners.own(tmp.name)
-        ino: int | None = None
+        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            dfd = create_owned(tmp, self.settings.mode)  # held, as a partial is, till the end
             try:
-                dfd = self._open_new(tmp)
-                ino = os.fstat(dfd).st_ino
-                try:
-                    self._copy(sfd, dfd)
-                    os.fsync(dfd)
-                    _link_new(dfd, tmp, dst, target)
-                finally:
-                    os.close(dfd)
+                self._copy(sfd, dfd)
+                os.fsync(dfd)
+                _link_new(dfd, tmp, dst, target)
             finally:
-                os.close(sfd)
-                if ino is not None:
-                    _unlink_if(tmp, ino)
-        finally:  # the temporary disk is gone before its owner file: never a live one unowned
-            OwnerLocks.disown(owner)
+                _drop(tmp, dfd)
+        finally:
+            os.close(sfd)
 
     async def remove_dead_temporaries(self) -> list[str]:
         return await asyncio.to_thread(self._remove_dead_temporaries)
 
     def _remove_dead_temporaries(self) -> list[str]:
-        removed = []
         with os.scandir(self.root) as entries:
-            temps = [e.name for e in entries if is_temporary_name(e.name)]
-        # a temporary disk whose owner lock is free (or had no owner file) lost its owner;
-        # then owner files whose temporary disk is already gone and whose owner is dead
-        for owner in self.owners.dead(temps, (PARTIAL_PREFIX, CLONE_PREFIX)):
-            try:
-                name = OwnerLocks.name_of(owner)
-                with contextlib.suppress(FileNotFoundError):
-                    (self.root / name).unlink()
-                    removed.append(name)
-            finally:
-                OwnerLocks.disown(owner)
-        return removed
+            temps = sorted(e.name for e in entries if is_temporary_name(e.name))
+        return [name for name in temps if remove_if_dead(self.root / name)]
 
     async def delete(self, name: str) -> None:
         try:
