@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AuthError, InvalidInput, NoGlanceEndpoint
+from .glance import redact_url
 
 __all__ = ["GlanceAccess", "add_arguments", "glance_access", "uses_keystone"]
 
@@ -45,7 +46,7 @@ def _where(region: Any) -> str:
     """The auth URL and user of a cloud, for messages (never its password)."""
     auth = region.config.get("auth", {}) or {}
     user = auth.get("username") or auth.get("user_id")
-    url = str(auth.get("auth_url", "?")).split("@")[-1].split("?")[0]  # no userinfo or query
+    url = redact_url(str(auth.get("auth_url", "?")))
     return f"keystone at {url}" + (f" (user {user!r})" if user else "")
 
 
@@ -60,7 +61,7 @@ def _auth_error(region: Any, exc: Exception) -> AuthError:
     if isinstance(exc, ks.ConnectFailure | ks.ConnectTimeout):
         return AuthError(f"cannot reach {where}: {type(exc).__name__}")
     if isinstance(exc, ks.MissingRequiredOptions | ks.MissingAuthPlugin):
-        return AuthError(f"{where}: incomplete credentials: {exc}")
+        return AuthError(f"{where}: incomplete credentials: {redact_url(str(exc))}")
     status = getattr(exc, "http_status", None)
     return AuthError(
         f"{where} failed: {type(exc).__name__}" + (f" (HTTP {status})" if status else "")
@@ -106,9 +107,9 @@ def glance_access(
     try:
         region = os_config.OpenStackConfig().get_one(cloud=cloud, **options)
     except os_exc.ConfigException as exc:
-        raise InvalidInput(f"cloud config: {exc}") from None
+        raise InvalidInput(f"cloud config: {redact_url(str(exc))}") from None
     except ks.ClientException as exc:  # e.g. a password missing from the config
-        raise AuthError(f"cloud config: {type(exc).__name__}: {exc}") from None
+        raise AuthError(f"cloud config: {type(exc).__name__}: {redact_url(str(exc))}") from None
     session = region.get_session()
 
     def renewed_token() -> str | None:

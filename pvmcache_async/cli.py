@@ -29,7 +29,7 @@ from typing import Any, NoReturn, TypeVar
 
 from . import aio, auth, display
 from .errors import CacheError, InvalidInput, shown
-from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
+from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy, redact_url
 from .models import CacheEntry
 from .names import instance_disk_name, validate_instance_uuid
 from .storage import default_vg_spec, open_vg
@@ -573,12 +573,19 @@ async def _main(args: argparse.Namespace, session: _Session) -> int:
             loop.remove_signal_handler(signum)
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines, tracebacks included, with every URL cut as ``redact_url`` cuts it: the
+    libraries' own logs (keystoneauth's, aiohttp's) echo URLs as they were given."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(super().format(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler])
     session = _Session()
     try:
         status = aio.run(_main(args, session))

@@ -40,7 +40,7 @@ from .errors import (
     InvalidInput,
     NoGlanceEndpoint,
 )
-from .glance import GlanceClient
+from .glance import GlanceClient, redact_url
 from .loop_thread import LoopThread
 from .models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
 from .names import instance_disk_name, validate_image_id, validate_instance_uuid
@@ -361,7 +361,9 @@ class DriverHook:
         try:
             url = next(nova_glance.get_api_servers(context), None)
         except Exception as exc:  # keystoneauth's errors: no catalog, no endpoint, ...
-            raise GlanceError(f"no Glance endpoint from nova's [glance] settings: {exc}") from exc
+            raise GlanceError(
+                f"no Glance endpoint from nova's [glance] settings: {redact_url(str(exc))}"
+            ) from exc
         if not url:
             raise GlanceError("no Glance endpoint from nova's [glance] settings")
         return str(url)

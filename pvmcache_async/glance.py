@@ -18,9 +18,11 @@ longer than ``read_timeout`` fails.
 
 Secrets and origins: an endpoint URL with a user name or password in it is refused (Glance
 takes a token, and the URL is echoed in messages), so no URL the client holds or prints
-carries userinfo. Redirects are followed only within the endpoint's origin (scheme, host,
-port), with the tokens; a redirect to any other origin is refused, so no token ever reaches
-a server other than the configured one.
+carries userinfo; nor a query or fragment, refused likewise. Every URL a message echoes
+passes through ``redact_url`` (the endpoint as given, a redirect's Location). Redirects are
+followed only within the endpoint's origin (scheme, host, port), with the tokens; a redirect
+to any other origin is refused, so no token ever reaches a server other than the configured
+one.
 """
 
 from __future__ import annotations
@@ -212,10 +214,21 @@ def _digest_of(image_id: str, record: dict[str, Any]) -> tuple[str, str]:
     return algo, value.lower()
 
 
+_AFTER_SLASHES = re.compile(r"//(\S*)")  # a URL's authority on, to the next white space
+_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
+
+
 def redact_url(text: str) -> str:
-    """``text`` without the userinfo (``user:password@``) of any URL in it."""
-    # up to the last "@": a password may hold "/", "?" or "#" that ends a URL's authority
-    return re.sub(r"(?<=//)\S*@", "", text)
+    """``text`` with every URL in it cut to its scheme, host, port and path: no userinfo
+    (``user:password@``), no query (``?token=...``) and no fragment, any of which may carry
+    a secret. Every message and log line that echoes a URL passes it through here first."""
+
+    def cut(match: re.Match[str]) -> str:
+        # from the last "@": a password may hold "/", "?" or "#" that would end the authority
+        rest = match[1].rpartition("@")[2]
+        return "//" + _QUERY_OR_FRAGMENT.split(rest, maxsplit=1)[0]
+
+    return _AFTER_SLASHES.sub(cut, text)
 
 
 def endpoint_url(url: str) -> yarl.URL:
@@ -223,7 +236,8 @@ def endpoint_url(url: str) -> yarl.URL:
 
     An http(s) URL with a host, an optional port and path, no query or fragment, and no user
     name or password (refused, not stripped: Glance authenticates with a token, and the
-    operator should know the credentials went nowhere). No message echoes userinfo.
+    operator should know the credentials went nowhere). No message echoes userinfo, a query
+    or a fragment (``redact_url``).
     """
     if len(url) > MAX_URL_LENGTH:
         raise InvalidInput(
@@ -242,7 +256,7 @@ def endpoint_url(url: str) -> yarl.URL:
         raise InvalidInput(f"Glance URL {echo} is not an http:// or https:// URL")
     if base.user is not None or base.password is not None:
         raise InvalidInput(
-            f"Glance URL {str(base.with_user(None))!r} has a user name or password in it; "
+            f"Glance URL {echo} has a user name or password in it; "
             "Glance takes a token (--token, OS_AUTH_TOKEN), never credentials in the URL"
         )
     if not _HOST.fullmatch(host) or len(host) > 253 or max(map(len, host.split("."))) > 63:
