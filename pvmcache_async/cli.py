@@ -32,7 +32,7 @@ from .errors import CacheError, InvalidInput, shown
 from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy, redact_url
 from .models import CacheEntry
 from .names import instance_disk_name, validate_instance_uuid
-from .storage import default_vg_spec, open_vg
+from .storage import check_vg_spec, default_vg_spec, open_vg
 from .storm.modes import MODES as STORM_MODES
 from .storm.modes import NOVA_MODES as NOVA_STORM_MODES
 from .transfer import CacheSettings, ImageCache
@@ -41,7 +41,6 @@ PROG = "pvmcache-async"
 log = logging.getLogger(PROG)
 _DEFAULTS = CacheSettings()
 _RETRY = RetryPolicy()
-N = TypeVar("N", int, float)
 T = TypeVar("T")
 _EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 _MAX_ID_ARG = 100  # a uuid has 36 characters; anything far longer is refused unread
@@ -85,14 +84,26 @@ def _id_arg(text: str) -> str:
     return text
 
 
-def _env_number(name: str, default: N, kind: Callable[[str], N]) -> N:
+def _vg_spec(text: str) -> str:
+    """A VG spec of a form ``open_vg`` takes (the VG itself is looked at later)."""
+    try:
+        check_vg_spec(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _env_value(name: str, default: T, kind: Callable[[str], T]) -> T:
+    """The environment variable ``name`` as ``kind`` reads it; a bad one is a usage error,
+    one line naming the variable (status 2, as for the option itself)."""
     raw = os.environ.get(name)
     if raw is None:
         return default
     try:
         return kind(raw)
     except argparse.ArgumentTypeError as exc:
-        raise SystemExit(f"{PROG}: error: {name}: {exc}") from None
+        print(f"{PROG}: error: {name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,21 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_arguments(p)
     p.add_argument(
         "--vg",
-        default=os.environ.get("PVMCACHE_VG") or default_vg_spec(),
+        type=_vg_spec,
+        default=_env_value("PVMCACHE_VG", default_vg_spec(), _vg_spec),
         help="volume group: file:PATH or powervm:... [PVMCACHE_VG] (default %(default)s)",
     )
     p.add_argument(
         "--read-timeout",
         type=_seconds(zero=False),
-        default=_env_number("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _seconds(zero=False)),
+        default=_env_value("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _seconds(zero=False)),
         help="seconds a read from Glance may stall [PVMCACHE_READ_TIMEOUT] (default %(default)s)",
     )
     p.add_argument(
         "--retries",
-        type=_whole(0),
-        default=_env_number("PVMCACHE_RETRIES", _RETRY.retries, _whole(0)),
-        help="failed requests to Glance retried in a row, with backoff, before giving up "
-        "[PVMCACHE_RETRIES] (default %(default)s)",
+        type=_whole(1),
+        default=_env_value("PVMCACHE_RETRIES", _RETRY.retries, _whole(1)),
+        help="failed attempts in a row (retried with backoff) before a request to Glance "
+        "gives up [PVMCACHE_RETRIES] (default %(default)s)",
     )
     p.add_argument(
         "--ca-file",

@@ -72,10 +72,12 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 class RetryPolicy:
     """How transient failures are retried.
 
-    ``retries`` bounds the failed attempts in a row; an attempt that received data starts the
-    count afresh, so a long download survives many separate drops. The n-th wait is drawn
-    from [d/2, d] with d = ``backoff`` * 2**(n-1), capped at ``max_backoff`` (a server's
-    ``Retry-After`` lengthens it up to that cap).
+    ``retries`` is the number of failed attempts in a row after which a request gives up (the
+    CLI's ``--retries``: at least 1, the first attempt; ``retries - 1`` of them are retries).
+    An attempt that received data starts the count afresh, so a long download survives many
+    separate drops. The wait after the n-th failure is drawn from [d/2, d] with
+    d = ``backoff`` * 2**(n-1), capped at ``max_backoff`` (a server's ``Retry-After``
+    lengthens it up to that cap).
     """
 
     retries: int = 5
@@ -83,9 +85,9 @@ class RetryPolicy:
     max_backoff: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.retries < 0 or self.backoff < 0 or self.max_backoff < self.backoff:
+        if self.retries < 1 or self.backoff < 0 or self.max_backoff < self.backoff:
             raise InvalidInput(
-                "retries and backoff must not be negative, max_backoff not below backoff"
+                "retries must be at least 1, backoff not negative, max_backoff not below backoff"
             )
 
     def delay(self, failures: int, retry_after: float | None = None) -> float:
@@ -509,8 +511,8 @@ class GlanceClient:
         """Run ``attempt`` until it succeeds, retrying transient failures with backoff.
 
         Transport errors (refused or reset connections, truncated bodies, read timeouts),
-        5xx and 429 are retried up to ``retry.retries`` times in a row; any other error is
-        final. ``_StartOver`` (the server will not resume) retries at once.
+        5xx and 429 are retried until ``retry.retries`` attempts in a row have failed; any
+        other error is final. ``_StartOver`` (the server will not resume) retries at once.
         """
         failures = 0
         while True:
@@ -528,16 +530,16 @@ class GlanceClient:
             except aiohttp.ClientError as exc:
                 raise self._transport_error(image_id, exc) from exc
             failures = 1 if received() != mark else failures + 1  # progress restarts the count
-            if failures > self.retry.retries:
+            if failures >= self.retry.retries:
+                attempts = f"{failures} failed attempt" + ("s" if failures > 1 else "")
                 raise GlanceError(
-                    f"giving up on the {what} after {failures} failed attempts in a row; "
-                    f"last: {cause}",
+                    f"giving up on the {what} after {attempts} in a row; last: {cause}",
                     image_id=image_id,
                     status=status,
                 )
             delay = self.retry.delay(failures, wait)
             log.info(  # not a warning: the CLI's stderr is one line, and only on failure
-                "image %s: %s failed (%s); retry %d/%d in %.2f s",
+                "image %s: %s failed (%s): failed attempt %d of %d in a row; next in %.2f s",
                 image_id, what, cause, failures, self.retry.retries, delay,
             )  # fmt: skip
             await asyncio.sleep(delay)
