@@ -31,7 +31,7 @@ from . import aio, auth, display
 from .errors import CacheError, InvalidInput, shown
 from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy, redact_url
 from .models import CacheEntry
-from .names import instance_disk_name, validate_instance_uuid
+from .names import InstanceDisks, validate_instance_uuid
 from .storage import check_vg_spec, default_vg_spec, open_vg
 from .storm.modes import MODES as STORM_MODES
 from .storm.modes import NOVA_MODES as NOVA_STORM_MODES
@@ -419,17 +419,16 @@ async def _each(
 
 def _distinct_instances(instances: Sequence[str]) -> None:
     """Refuse an instance given twice, or two whose disks would have one name, up front:
-    racing each other, one would fail on the disk that the other made."""
-    seen: dict[str, str] = {}  # disk -> instance
-    for given in instances:
-        instance = validate_instance_uuid(given)
-        disk = instance_disk_name(instance)
-        other = seen.get(disk)
-        if other == instance:
+    racing each other, one would fail on the disk that the other made (the core refuses
+    the second of those too, in the same words, but only once the first has started)."""
+    given: set[str] = set()
+    disks = InstanceDisks()
+    for text in instances:
+        instance = validate_instance_uuid(text)
+        if instance in given:
             raise InvalidInput(f"instance {instance} is given more than once")
-        if other is not None:
-            raise InvalidInput(f"instances {other} and {instance} would both get disk {disk}")
-        seen[disk] = instance
+        given.add(instance)
+        disks.claim(instance)
 
 
 async def _storm(args: argparse.Namespace, session: _Session) -> int:

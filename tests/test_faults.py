@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import (
+    DiskExists,
     GlanceClient,
     GlanceError,
     ImageCache,
@@ -561,3 +562,40 @@ def test_the_cli_s_retries_are_the_failed_attempts_in_a_row_before_it_gives_up(
     assert "after 5 failed attempts in a row; last: Glance answered HTTP 503" in line
     assert [s.status for s in asked if s.fault is not None] == [503] * 5
     assert vg_files(tmp_path / "vg") == []
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["shared-prefix", "same-instance"])
+async def test_a_deploy_for_a_disk_name_another_deploy_is_making_fails_at_once(
+    proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path, same: bool
+) -> None:
+    data = disk_image(MiB, seed=53)
+    img = glance_server.create_image(data)
+    first = str(uuid.uuid4())
+    # the same first 13 characters: the same disk name, b_xxxxxxxx_xxxx
+    second = first if same else first[:14] + str(uuid.uuid4())[14:]
+    proxy.plan(img, stall(after=MiB // 2))
+    cache = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url))
+    try:
+        deploying = asyncio.create_task(cache.deploy(img, first))
+        await asyncio.to_thread(proxy.stalled.wait)  # the first is downloading
+        with pytest.raises(DiskExists) as err:
+            await cache.deploy(img, second)
+        proxy.release_stalls()
+        made = await deploying
+    finally:
+        proxy.release_stalls()
+        await cache.close()
+    disk = "b_" + first[:13].replace("-", "_")
+    if same:
+        assert (
+            str(err.value)
+            == f"image {img}: instance {first}: its disk {disk} is being made by another deploy"
+        )
+    else:
+        assert (
+            str(err.value)
+            == f"image {img}: instances {first} and {second} would both get disk {disk}"
+        )
+    assert len(proxy.file_gets(img)) == 1  # the second asked for nothing
+    assert made.disk == disk and (tmp_path / "vg" / disk).read_bytes() == data
+    assert sorted(vg_files(tmp_path / "vg")) == [disk, "i_" + img[:13].replace("-", "_")]
