@@ -545,7 +545,7 @@ class GlanceClient:
             await asyncio.sleep(delay)
 
     def _transport_error(self, image_id: str, exc: BaseException) -> GlanceError:
-        cause = str(exc) or type(exc).__name__
+        cause = redact_url(str(exc)) or type(exc).__name__  # aiohttp's may hold a URL
         if isinstance(exc, TimeoutError):
             cause = f"timed out ({cause})" if str(exc) else "timed out"
         return GlanceError(f"talking to Glance at {self.url} failed: {cause}", image_id=image_id)
