@@ -309,8 +309,7 @@ class DriverHook:
             if vg is not None and cache is None:
                 await vg.close()
 
-        self._loop.stop(close_all)
-        self._instance_disks.clear()  # the loop's locks go with it; a new loop makes new ones
+        self._loop.stop(close_all)  # every call has ended: no instance lock is left
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import logging
 import os
@@ -336,6 +337,21 @@ def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return thread, outcome
 
 
+@contextlib.contextmanager
+def _said(words: str, event: threading.Event) -> Iterator[None]:
+    """``event`` is set once the hook logs a line holding ``words`` (at info)."""
+    hook_log = logging.getLogger("pvmcache_async.driver_hook")
+    handler = _Said(words, event)
+    level = hook_log.level
+    hook_log.addHandler(handler)
+    hook_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        hook_log.removeHandler(handler)
+        hook_log.setLevel(level)
+
+
 class _Said(logging.Handler):
     """Sets ``event`` once a log record holding ``words`` is emitted."""
 
@@ -365,25 +381,18 @@ def test_a_delete_racing_a_create_of_the_instance_waits_for_it_and_removes_its_d
     # the delete either waits for the create (it says so) or has already returned: either
     # way, only then is the create let go, so the test decides, not the scheduler
     settled = threading.Event()
-    said = _Said(f"instance {inst.uuid}: delete_instance_disk waits", settled)
-    hook_log = logging.getLogger("pvmcache_async.driver_hook")
-    hook_log.addHandler(said)
-    level, _ = hook_log.level, hook_log.setLevel(logging.INFO)
-    try:
+    with _said(f"instance {inst.uuid}: delete_instance_disk waits", settled):
         delete, deleted = _in_thread(lambda: (hook.delete_instance_disk(inst), settled.set())[0])
         settled.wait()
         threaded.release_stalls()
         create.join()
         delete.join()
-    finally:
-        hook_log.removeHandler(said)
-        hook_log.setLevel(level)
     assert deleted == [None]
     assert isinstance(created[0], DeployResult), created
     assert vg_files(nova_conf) == ["i_" + img[:13].replace("-", "_")]  # the cache disk only
 
 
-def test_closing_the_hook_mid_download_gives_nova_s_thread_an_error_it_catches(
+def test_closing_the_hook_mid_download_gives_nova_s_threads_an_error_they_catch(
     hook: DriverHook,
     nova_db: Any,
     glance_server: GlanceServer,
@@ -391,21 +400,33 @@ def test_closing_the_hook_mid_download_gives_nova_s_thread_an_error_it_catches(
     stalling_glance: tuple[FaultProxy, ThreadedFaultProxy],
 ) -> None:
     proxy, _ = stalling_glance
-    img = glance_server.create_image(disk_image(MiB, seed=151))
+    data = disk_image(MiB, seed=151)
+    img = glance_server.create_image(data)
     inst = make_instance(nova_db, img)
     meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
     proxy.plan(img, stall(after=MiB // 2))
     create, created = _in_thread(lambda: hook.create_disk_from_image(nova_db, inst, meta))
     proxy.stalled.wait()
+    queued = threading.Event()  # a delete of the instance waits behind the create
+    with _said(f"instance {inst.uuid}: delete_instance_disk waits", queued):
+        delete, deleted = _in_thread(lambda: hook.delete_instance_disk(inst))
+        queued.wait()
     hook.close()  # nova-compute stopping (cleanup_host) while the download is under way
     create.join()
+    delete.join()
 
-    [error] = created
-    assert isinstance(error, Exception), repr(error)  # nova's ``except Exception`` takes it
-    assert isinstance(error, CacheError) and not isinstance(error, asyncio.CancelledError)
-    assert str(error) == f"image {img}: the image cache was closed before this call ended"
+    for [error], image_id in ((created, img), (deleted, None)):
+        assert isinstance(error, Exception), repr(error)  # nova's ``except Exception`` takes it
+        assert isinstance(error, CacheError) and not isinstance(error, asyncio.CancelledError)
+        assert error.image_id == image_id
+        assert error.message == "the image cache was closed before this call ended"
     assert vg_files(nova_conf) == []  # no partial, no instance disk
     assert _loop_threads() == []
+    # nothing of the instance stays locked: it is deployed and deleted again at once
+    deployed = hook.create_disk_from_image(nova_db, inst, meta)
+    assert deployed is not None and (nova_conf / deployed.disk).read_bytes() == data
+    hook.delete_instance_disk(inst)
+    assert vg_files(nova_conf) == ["i_" + img[:13].replace("-", "_")]
 
 
 def test_two_instances_whose_disks_share_a_name_the_second_fails_at_once_naming_both(
