@@ -7,9 +7,10 @@ session it makes authenticates, finds Glance in the catalog (``--os-region-name`
 request, so a download or a resume that outlives one token still succeeds. ``--glance-url``
 and ``--token`` override the catalog and the session's token.
 
-Nothing secret reaches a message: errors name the auth URL and the user, never a password or
-a token. A renewal is one blocking request to keystone, made by the session once per token
-lifetime (keystoneauth renews two minutes before the expiry).
+Nothing secret reaches a message: errors name the auth URL (cut by ``glance.redact_url``: no
+userinfo, query or fragment) and the user, never a password or a token. A renewal is one
+blocking request to keystone, made by the session once per token lifetime (keystoneauth
+renews two minutes before the expiry).
 """
 
 from __future__ import annotations
