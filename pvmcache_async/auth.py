@@ -7,9 +7,10 @@ session it makes authenticates, finds Glance in the catalog (``--os-region-name`
 request, so a download or a resume that outlives one token still succeeds. ``--glance-url``
 and ``--token`` override the catalog and the session's token.
 
-Nothing secret reaches a message: errors name the auth URL and the user, never a password or
-a token. A renewal is one blocking request to keystone, made by the session once per token
-lifetime (keystoneauth renews two minutes before the expiry).
+Nothing secret reaches a message: errors name the auth URL (cut by ``glance.redact_url``: no
+userinfo, query or fragment) and the user, never a password or a token. A renewal is one
+blocking request to keystone, made by the session once per token lifetime (keystoneauth
+renews two minutes before the expiry).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AuthError, InvalidInput, NoGlanceEndpoint
+from .glance import redact_url
 
 __all__ = ["GlanceAccess", "add_arguments", "glance_access", "uses_keystone"]
 
@@ -45,7 +47,7 @@ def _where(region: Any) -> str:
     """The auth URL and user of a cloud, for messages (never its password)."""
     auth = region.config.get("auth", {}) or {}
     user = auth.get("username") or auth.get("user_id")
-    url = str(auth.get("auth_url", "?")).split("@")[-1].split("?")[0]  # no userinfo or query
+    url = redact_url(str(auth.get("auth_url", "?")))
     return f"keystone at {url}" + (f" (user {user!r})" if user else "")
 
 
@@ -60,7 +62,7 @@ def _auth_error(region: Any, exc: Exception) -> AuthError:
     if isinstance(exc, ks.ConnectFailure | ks.ConnectTimeout):
         return AuthError(f"cannot reach {where}: {type(exc).__name__}")
     if isinstance(exc, ks.MissingRequiredOptions | ks.MissingAuthPlugin):
-        return AuthError(f"{where}: incomplete credentials: {exc}")
+        return AuthError(f"{where}: incomplete credentials: {redact_url(str(exc))}")
     status = getattr(exc, "http_status", None)
     return AuthError(
         f"{where} failed: {type(exc).__name__}" + (f" (HTTP {status})" if status else "")
@@ -106,9 +108,9 @@ def glance_access(
     try:
         region = os_config.OpenStackConfig().get_one(cloud=cloud, **options)
     except os_exc.ConfigException as exc:
-        raise InvalidInput(f"cloud config: {exc}") from None
+        raise InvalidInput(f"cloud config: {redact_url(str(exc))}") from None
     except ks.ClientException as exc:  # e.g. a password missing from the config
-        raise AuthError(f"cloud config: {type(exc).__name__}: {exc}") from None
+        raise AuthError(f"cloud config: {type(exc).__name__}: {redact_url(str(exc))}") from None
     session = region.get_session()
 
     def renewed_token() -> str | None:

@@ -29,17 +29,16 @@ from typing import Any, NoReturn, TypeVar
 
 from . import aio, auth, display
 from .errors import CacheError, InvalidInput, shown
-from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy
+from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy, redact_url
 from .models import CacheEntry
-from .names import instance_disk_name, validate_instance_uuid
-from .storage import default_vg_spec, open_vg
+from .names import InstanceDisks, validate_instance_uuid
+from .storage import check_vg_spec, default_vg_spec, open_vg
 from .transfer import CacheSettings, ImageCache
 
 PROG = "pvmcache-async"
 log = logging.getLogger(PROG)
 _DEFAULTS = CacheSettings()
 _RETRY = RetryPolicy()
-N = TypeVar("N", int, float)
 T = TypeVar("T")
 _EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 _MAX_ID_ARG = 100  # a uuid has 36 characters; anything far longer is refused unread
@@ -87,14 +86,26 @@ def _id_arg(text: str) -> str:
     return text
 
 
-def _env_number(name: str, default: N, kind: Callable[[str], N]) -> N:
+def _vg_spec(text: str) -> str:
+    """A VG spec of a form ``open_vg`` takes (the VG itself is looked at later)."""
+    try:
+        check_vg_spec(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _env_value(name: str, default: T, kind: Callable[[str], T]) -> T:
+    """The environment variable ``name`` as ``kind`` reads it; a bad one is a usage error,
+    one line naming the variable (status 2, as for the option itself)."""
     raw = os.environ.get(name)
     if raw is None:
         return default
     try:
         return kind(raw)
     except argparse.ArgumentTypeError as exc:
-        raise SystemExit(f"{PROG}: error: {name}: {exc}") from None
+        print(f"{PROG}: error: {name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,21 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_arguments(p)
     p.add_argument(
         "--vg",
-        default=os.environ.get("PVMCACHE_VG") or default_vg_spec(),
+        type=_vg_spec,
+        default=_env_value("PVMCACHE_VG", default_vg_spec(), _vg_spec),
         help="volume group: file:PATH or powervm:... [PVMCACHE_VG] (default %(default)s)",
     )
     p.add_argument(
         "--read-timeout",
         type=_seconds(zero=False),
-        default=_env_number("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _seconds(zero=False)),
+        default=_env_value("PVMCACHE_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _seconds(zero=False)),
         help="seconds a read from Glance may stall [PVMCACHE_READ_TIMEOUT] (default %(default)s)",
     )
     p.add_argument(
         "--retries",
-        type=_whole(0),
-        default=_env_number("PVMCACHE_RETRIES", _RETRY.retries, _whole(0)),
-        help="failed requests to Glance retried in a row, with backoff, before giving up "
-        "[PVMCACHE_RETRIES] (default %(default)s)",
+        type=_whole(1),
+        default=_env_value("PVMCACHE_RETRIES", _RETRY.retries, _whole(1)),
+        help="failed attempts in a row (retried with backoff) before a request to Glance "
+        "gives up [PVMCACHE_RETRIES] (default %(default)s)",
     )
     p.add_argument(
         "--ca-file",
@@ -431,17 +443,16 @@ async def _each(
 
 def _distinct_instances(instances: Sequence[str]) -> None:
     """Refuse an instance given twice, or two whose disks would have one name, up front:
-    racing each other, one would fail on the disk that the other made."""
-    seen: dict[str, str] = {}  # disk -> instance
-    for given in instances:
-        instance = validate_instance_uuid(given)
-        disk = instance_disk_name(instance)
-        other = seen.get(disk)
-        if other == instance:
+    racing each other, one would fail on the disk that the other made (the core refuses
+    the second of those too, in the same words, but only once the first has started)."""
+    given: set[str] = set()
+    disks = InstanceDisks()
+    for text in instances:
+        instance = validate_instance_uuid(text)
+        if instance in given:
             raise InvalidInput(f"instance {instance} is given more than once")
-        if other is not None:
-            raise InvalidInput(f"instances {other} and {instance} would both get disk {disk}")
-        seen[disk] = instance
+        given.add(instance)
+        disks.claim(instance)
 
 
 async def _storm(args: argparse.Namespace, session: _Session) -> int:
@@ -548,12 +559,19 @@ async def _main(args: argparse.Namespace, session: _Session) -> int:
             loop.remove_signal_handler(signum)
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines, tracebacks included, with every URL cut as ``redact_url`` cuts it: the
+    libraries' own logs (keystoneauth's, aiohttp's) echo URLs as they were given."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(super().format(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler])
     session = _Session()
     if args.command == "storm" and _storm_modes() is None:  # before any work starts
         print(f"{PROG}: {STORM_MISSING}", file=sys.stderr)

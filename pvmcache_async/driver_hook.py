@@ -20,11 +20,12 @@ This module translates; the decisions are the cache's (``transfer.ImageCache``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,7 +41,7 @@ from .errors import (
     InvalidInput,
     NoGlanceEndpoint,
 )
-from .glance import GlanceClient
+from .glance import GlanceClient, redact_url
 from .loop_thread import LoopThread
 from .models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
 from .names import instance_disk_name, validate_image_id, validate_instance_uuid
@@ -87,6 +88,14 @@ def _tokens_of(conf: cfg.ConfigOpts, context: Any) -> _Tokens:
         )
         return _Tokens(user)
     return _Tokens(headers.get("X-Auth-Token") or user, headers.get("X-Service-Token"))
+
+
+@dataclass(slots=True)
+class _InstanceLock:
+    """One instance's lock and how many calls hold it or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 def _is_uuid(value: str) -> bool:
@@ -213,6 +222,7 @@ class DriverHook:
         self._direct_swept = False
         self._glance: GlanceClient | None = None
         self._cache: ImageCache | None = None
+        self._instance_disks: dict[str, _InstanceLock] = {}  # instance uuid -> its lock, in use
         self.manager = ImageManager(self._with_cache, self.vg_spec, conf)
 
     @property
@@ -231,7 +241,7 @@ class DriverHook:
         another call's download of it was under way and this one waited for it."""
         if not self.active:
             raise NotImplementedError("the pvmcache image cache is off on this host")
-        result = self._with_cache(lambda cache: cache.ensure(image_id), context)
+        result = self._with_cache(lambda cache: cache.ensure(image_id), context, image_id)
         return bool(result.outcome is Outcome.MISS)
 
     def create_disk_from_image(
@@ -241,9 +251,13 @@ class DriverHook:
         if not self.active:
             return None
         image_id = image_id_of(image_meta)
-        deployed: DeployResult = self._with_cache(
-            lambda cache: cache.deploy(image_id, instance.uuid), context
-        )
+        uuid = validate_instance_uuid(instance.uuid)
+
+        async def create(cache: ImageCache) -> DeployResult:
+            async with self._instance_disk(uuid, "create_disk_from_image"):
+                return await cache.deploy(image_id, uuid)
+
+        deployed: DeployResult = self._with_cache(create, context, image_id)
         return deployed
 
     def stream_disk_from_glance(self, context: Any, instance: Any, image_meta: Any) -> str:
@@ -251,6 +265,7 @@ class DriverHook:
         one GET of the image per call, what a host without the cache does (``direct``).
         Returns the disk's name."""
         image_id = image_id_of(image_meta)
+        uuid = validate_instance_uuid(instance.uuid)
 
         async def stream(url: str | None) -> str:
             glance = self._open_glance(url)
@@ -260,17 +275,24 @@ class DriverHook:
             if not self._direct_swept:  # once: what deploys killed mid-way left (owners dead)
                 self._direct_swept = True
                 await vg.remove_dead_temporaries()
-            disk, _ = await direct.stream_disk(glance, vg, image_id, instance.uuid)
+            async with self._instance_disk(uuid, "stream_disk_from_glance"):
+                disk, _ = await direct.stream_disk(glance, vg, image_id, uuid)
             return disk
 
-        return self._on_loop(stream, context)
+        return self._on_loop(stream, context, image_id)
 
     def delete_instance_disk(self, instance: Any) -> None:
-        """Remove the instance's disk from the volume group (none there is not an error)."""
-        disk = instance_disk_name(validate_instance_uuid(instance.uuid))
+        """Remove the instance's disk from the volume group (none there is not an error).
+
+        A create of the instance's disk under way (``create_disk_from_image``,
+        ``stream_disk_from_glance``) is waited for, then what it made is removed: once this
+        returns, the instance has no disk, whichever thread of nova's asked first."""
+        uuid = validate_instance_uuid(instance.uuid)
+        disk = instance_disk_name(uuid)
 
         async def delete(url: str | None) -> None:
-            await self._open_vg().delete(disk)
+            async with self._instance_disk(uuid, "delete_instance_disk"):
+                await self._open_vg().delete(disk)
 
         self._on_loop(delete, None)
 
@@ -287,20 +309,49 @@ class DriverHook:
             if vg is not None and cache is None:
                 await vg.close()
 
-        self._loop.stop(close_all)
+        self._loop.stop(close_all)  # every call has ended: no instance lock is left
 
     # -- internals ---------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _instance_disk(self, uuid: str, call: str) -> AsyncIterator[None]:
+        """Hold the instance's lock: what the hook does to one instance's disk (create,
+        stream, delete) runs one call at a time, in the order nova's threads asked (an
+        ``asyncio.Lock`` is first come, first served). So a delete waits for a create under
+        way and removes what it made, and a create after a delete (a rebuild) does not find
+        the old disk. A cancelled waiter leaves the queue; the lock goes with its last user.
+        Runs on the loop thread."""
+        held = self._instance_disks.get(uuid)
+        if held is None:
+            held = self._instance_disks[uuid] = _InstanceLock()
+        if held.lock.locked():
+            log.info("instance %s: %s waits for the call on its disk under way", uuid, call)
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if not held.users:
+                del self._instance_disks[uuid]
+
     def _with_cache(
-        self, work: Callable[[ImageCache], Coroutine[Any, Any, T]], context: Any = None
+        self,
+        work: Callable[[ImageCache], Coroutine[Any, Any, T]],
+        context: Any = None,
+        image_id: str | None = None,
     ) -> T:
-        return self._on_loop(lambda url: work(self._open_cache(url)), context)
+        return self._on_loop(lambda url: work(self._open_cache(url)), context, image_id)
 
     def _on_loop(
-        self, work: Callable[[str | None], Coroutine[Any, Any, T]], context: Any = None
+        self,
+        work: Callable[[str | None], Coroutine[Any, Any, T]],
+        context: Any = None,
+        image_id: str | None = None,
     ) -> T:
         """Run ``work(glance_url)`` on the loop with the request's tokens; the URL is looked
-        up only while no Glance client exists yet."""
+        up only while no Glance client exists yet. If the hook is closed meanwhile, a
+        CacheError naming ``image_id`` (``LoopThread.call``)."""
         self._loop.start()  # first: refuses in eventlet mode before anything else happens
         tokens = _tokens_of(self._conf, context)
         url = None
@@ -320,7 +371,7 @@ class DriverHook:
                     raise lookup_error from None
                 raise
 
-        return self._loop.call(run)
+        return self._loop.call(run, image_id=image_id)
 
     def _open_vg(self) -> VolumeGroup:
         """The one volume group; runs on the loop thread."""
@@ -361,7 +412,9 @@ class DriverHook:
         try:
             url = next(nova_glance.get_api_servers(context), None)
         except Exception as exc:  # keystoneauth's errors: no catalog, no endpoint, ...
-            raise GlanceError(f"no Glance endpoint from nova's [glance] settings: {exc}") from exc
+            raise GlanceError(
+                f"no Glance endpoint from nova's [glance] settings: {redact_url(str(exc))}"
+            ) from exc
         if not url:
             raise GlanceError("no Glance endpoint from nova's [glance] settings")
         return str(url)

@@ -18,9 +18,11 @@ longer than ``read_timeout`` fails.
 
 Secrets and origins: an endpoint URL with a user name or password in it is refused (Glance
 takes a token, and the URL is echoed in messages), so no URL the client holds or prints
-carries userinfo. Redirects are followed only within the endpoint's origin (scheme, host,
-port), with the tokens; a redirect to any other origin is refused, so no token ever reaches
-a server other than the configured one.
+carries userinfo; nor a query or fragment, refused likewise. Every URL a message echoes
+passes through ``redact_url`` (the endpoint as given, a redirect's Location). Redirects are
+followed only within the endpoint's origin (scheme, host, port), with the tokens; a redirect
+to any other origin is refused, so no token ever reaches a server other than the configured
+one.
 """
 
 from __future__ import annotations
@@ -70,10 +72,12 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 class RetryPolicy:
     """How transient failures are retried.
 
-    ``retries`` bounds the failed attempts in a row; an attempt that received data starts the
-    count afresh, so a long download survives many separate drops. The n-th wait is drawn
-    from [d/2, d] with d = ``backoff`` * 2**(n-1), capped at ``max_backoff`` (a server's
-    ``Retry-After`` lengthens it up to that cap).
+    ``retries`` is the number of failed attempts in a row after which a request gives up (the
+    CLI's ``--retries``: at least 1, the first attempt; ``retries - 1`` of them are retries).
+    An attempt that received data starts the count afresh, so a long download survives many
+    separate drops. The wait after the n-th failure is drawn from [d/2, d] with
+    d = ``backoff`` * 2**(n-1), capped at ``max_backoff`` (a server's ``Retry-After``
+    lengthens it up to that cap).
     """
 
     retries: int = 5
@@ -81,9 +85,9 @@ class RetryPolicy:
     max_backoff: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.retries < 0 or self.backoff < 0 or self.max_backoff < self.backoff:
+        if self.retries < 1 or self.backoff < 0 or self.max_backoff < self.backoff:
             raise InvalidInput(
-                "retries and backoff must not be negative, max_backoff not below backoff"
+                "retries must be at least 1, backoff not negative, max_backoff not below backoff"
             )
 
     def delay(self, failures: int, retry_after: float | None = None) -> float:
@@ -212,10 +216,21 @@ def _digest_of(image_id: str, record: dict[str, Any]) -> tuple[str, str]:
     return algo, value.lower()
 
 
+_AFTER_SLASHES = re.compile(r"//(\S*)")  # a URL's authority on, to the next white space
+_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
+
+
 def redact_url(text: str) -> str:
-    """``text`` without the userinfo (``user:password@``) of any URL in it."""
-    # up to the last "@": a password may hold "/", "?" or "#" that ends a URL's authority
-    return re.sub(r"(?<=//)\S*@", "", text)
+    """``text`` with every URL in it cut to its scheme, host, port and path: no userinfo
+    (``user:password@``), no query (``?token=...``) and no fragment, any of which may carry
+    a secret. Every message and log line that echoes a URL passes it through here first."""
+
+    def cut(match: re.Match[str]) -> str:
+        # from the last "@": a password may hold "/", "?" or "#" that would end the authority
+        rest = match[1].rpartition("@")[2]
+        return "//" + _QUERY_OR_FRAGMENT.split(rest, maxsplit=1)[0]
+
+    return _AFTER_SLASHES.sub(cut, text)
 
 
 def endpoint_url(url: str) -> yarl.URL:
@@ -223,7 +238,8 @@ def endpoint_url(url: str) -> yarl.URL:
 
     An http(s) URL with a host, an optional port and path, no query or fragment, and no user
     name or password (refused, not stripped: Glance authenticates with a token, and the
-    operator should know the credentials went nowhere). No message echoes userinfo.
+    operator should know the credentials went nowhere). No message echoes userinfo, a query
+    or a fragment (``redact_url``).
     """
     if len(url) > MAX_URL_LENGTH:
         raise InvalidInput(
@@ -242,7 +258,7 @@ def endpoint_url(url: str) -> yarl.URL:
         raise InvalidInput(f"Glance URL {echo} is not an http:// or https:// URL")
     if base.user is not None or base.password is not None:
         raise InvalidInput(
-            f"Glance URL {str(base.with_user(None))!r} has a user name or password in it; "
+            f"Glance URL {echo} has a user name or password in it; "
             "Glance takes a token (--token, OS_AUTH_TOKEN), never credentials in the URL"
         )
     if not _HOST.fullmatch(host) or len(host) > 253 or max(map(len, host.split("."))) > 63:
@@ -495,8 +511,8 @@ class GlanceClient:
         """Run ``attempt`` until it succeeds, retrying transient failures with backoff.
 
         Transport errors (refused or reset connections, truncated bodies, read timeouts),
-        5xx and 429 are retried up to ``retry.retries`` times in a row; any other error is
-        final. ``_StartOver`` (the server will not resume) retries at once.
+        5xx and 429 are retried until ``retry.retries`` attempts in a row have failed; any
+        other error is final. ``_StartOver`` (the server will not resume) retries at once.
         """
         failures = 0
         while True:
@@ -514,22 +530,22 @@ class GlanceClient:
             except aiohttp.ClientError as exc:
                 raise self._transport_error(image_id, exc) from exc
             failures = 1 if received() != mark else failures + 1  # progress restarts the count
-            if failures > self.retry.retries:
+            if failures >= self.retry.retries:
+                attempts = f"{failures} failed attempt" + ("s" if failures > 1 else "")
                 raise GlanceError(
-                    f"giving up on the {what} after {failures} failed attempts in a row; "
-                    f"last: {cause}",
+                    f"giving up on the {what} after {attempts} in a row; last: {cause}",
                     image_id=image_id,
                     status=status,
                 )
             delay = self.retry.delay(failures, wait)
             log.info(  # not a warning: the CLI's stderr is one line, and only on failure
-                "image %s: %s failed (%s); retry %d/%d in %.2f s",
+                "image %s: %s failed (%s): failed attempt %d of %d in a row; next in %.2f s",
                 image_id, what, cause, failures, self.retry.retries, delay,
             )  # fmt: skip
             await asyncio.sleep(delay)
 
     def _transport_error(self, image_id: str, exc: BaseException) -> GlanceError:
-        cause = str(exc) or type(exc).__name__
+        cause = redact_url(str(exc)) or type(exc).__name__  # aiohttp's may hold a URL
         if isinstance(exc, TimeoutError):
             cause = f"timed out ({cause})" if str(exc) else "timed out"
         return GlanceError(f"talking to Glance at {self.url} failed: {cause}", image_id=image_id)

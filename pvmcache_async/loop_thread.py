@@ -80,10 +80,13 @@ class LoopThread:
             self._loop, self._thread = loop, thread
             return loop
 
-    def call(self, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    def call(self, work: Callable[[], Coroutine[Any, Any, T]], *, image_id: str | None = None) -> T:
         """Run ``work()`` on the loop and return its result in the calling thread.
 
-        If the calling thread is interrupted while waiting, the coroutine is cancelled.
+        If the calling thread is interrupted while waiting, the coroutine is cancelled. If
+        ``stop`` cancels it, the caller gets a CacheError saying so (naming ``image_id``),
+        never a cancellation: nova's threads catch ``Exception``, and a bare
+        ``CancelledError`` would tell nova's log and the instance's fault nothing.
         """
         loop = self.start()
         if threading.current_thread() is self._thread:
@@ -91,6 +94,10 @@ class LoopThread:
         future = asyncio.run_coroutine_threadsafe(work(), loop)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:  # only stop cancels what runs on the loop
+            raise CacheError(
+                "the image cache was closed before this call ended", image_id=image_id
+            ) from None
         except BaseException:
             future.cancel()
             raise

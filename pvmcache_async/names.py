@@ -8,7 +8,9 @@ and use only ``[a-z0-9_]``, so they are also safe file names in a file VG.
   (``3e865d14-8c1e-...`` -> ``i_3e865d14_8c1e``), as nova-powervm named them. Two images can
   share that prefix, so the index keeps the full image id, and the second image of a prefix
   gets a name derived from a hash of its id (``cache_disk_names`` yields the candidates).
-* instance disk: ``b_`` + the first 13 characters of the instance uuid, the same way.
+* instance disk: ``b_`` + the first 13 characters of the instance uuid, the same way. Two
+  instances can share that prefix too: ``InstanceDisks`` refuses the second while the first's
+  disk is being made.
 * partial download: ``p_`` + 13 random characters, fresh for every writer: no two writers
   (processes, attempts) ever share one, so publishing a partial can only ever publish what its
   own writer wrote. Never an ``i_`` name, so no partial data is visible under a cache disk
@@ -26,7 +28,7 @@ import secrets
 import uuid
 from collections.abc import Iterator
 
-from .errors import InvalidInput
+from .errors import DiskExists, InvalidInput
 
 MAX_DISK_NAME = 15
 CACHE_PREFIX = "i_"
@@ -84,6 +86,38 @@ def cache_disk_names(image_id: str) -> Iterator[str]:
 def instance_disk_name(instance_uuid: str) -> str:
     """The name of the disk a deploy creates for an instance."""
     return INSTANCE_PREFIX + _short(instance_uuid)
+
+
+class InstanceDisks:
+    """The instance disks being made, each with the instance it is made for.
+
+    An instance disk's name holds only the first 13 characters of the instance's uuid, so
+    two instances can share one: of two deploys racing for one name, one would fail late,
+    on the disk the other made. ``claim`` refuses the second at once, naming both."""
+
+    def __init__(self) -> None:
+        self._made_for: dict[str, str] = {}  # disk name -> instance uuid
+
+    def claim(self, instance: str, *, image_id: str | None = None) -> str:
+        """Claim the name of the (validated) instance's disk and return it; DiskExists when a
+        claim on that name is held, for another instance or for this one."""
+        disk = instance_disk_name(instance)
+        other = self._made_for.get(disk)
+        if other == instance:
+            raise DiskExists(
+                f"instance {instance}: its disk {disk} is being made by another deploy",
+                image_id=image_id,
+            )
+        if other is not None:
+            raise DiskExists(
+                f"instances {other} and {instance} would both get disk {disk}", image_id=image_id
+            )
+        self._made_for[disk] = instance
+        return disk
+
+    def release(self, disk: str) -> None:
+        """Give the name up: its disk is made, or will not be."""
+        self._made_for.pop(disk, None)
 
 
 def partial_disk_name() -> str:

@@ -52,7 +52,7 @@ from .image_locks import ImageHold, ImageLocks
 from .ingest import Ingest, IngestResult, outcome_of
 from .locks import SingleFlight
 from .models import CacheEntry, DeployResult, EnsureResult, EntryState, Outcome, PruneResult
-from .names import instance_disk_name, validate_image_id, validate_instance_uuid
+from .names import InstanceDisks, instance_disk_name, validate_image_id, validate_instance_uuid
 from .progress import ProgressBoard
 from .recovery import Recovery
 from .storage import PartialDisk, VolumeGroup
@@ -104,6 +104,7 @@ class ImageCache:
         )
         self._flights: SingleFlight[str, IngestResult] = SingleFlight()
         self._clones = asyncio.Semaphore(self.settings.max_clones)
+        self._instance_disks = InstanceDisks()  # the instance disks deploys are making
         self._swept = False
 
     @property
@@ -134,14 +135,21 @@ class ImageCache:
         """Ensure the image, then clone its cache disk into a new disk for the instance.
 
         The instance disk appears only once complete; an existing disk is never replaced.
-        The image's use lock, held throughout, keeps any removal from its cache disk.
+        The image's use lock, held throughout, keeps any removal from its cache disk. While
+        another deploy in this process is making the disk of this instance, or of one whose
+        uuid begins with the same 13 characters (the disk's name), this one fails at once,
+        before anything is downloaded, with DiskExists naming both (``InstanceDisks``).
         """
         image_id = validate_image_id(image_id)
         instance = validate_instance_uuid(instance_uuid)
-        await self._begin()
-        async with self._locks.using(image_id):
-            with naming_image(image_id):
-                return await self._deploy(image_id, instance)
+        disk = self._instance_disks.claim(instance, image_id=image_id)
+        try:
+            await self._begin()
+            async with self._locks.using(image_id):
+                with naming_image(image_id):
+                    return await self._deploy(image_id, instance)
+        finally:
+            self._instance_disks.release(disk)
 
     # -- the steps of a deploy, in order ------------------------------------------------
 

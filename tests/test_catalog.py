@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import CacheEntry, EntryState
-from pvmcache_dev.glance import GlanceServer
 from pvmcache_async.index import BadRow, Index
 from pvmcache_async.names import cache_disk_names
+from pvmcache_dev.glance import GlanceServer
 
 from .support import disk_image, run_cli, vg_files
 

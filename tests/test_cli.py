@@ -219,7 +219,8 @@ GLANCE = ["--glance-url", "https://127.0.0.1:9"]  # nothing listens: none of the
         (["--read-timeout", "0", "ls"], {}, "seconds above 0"),
         (["ls"], {"PVMCACHE_READ_TIMEOUT": "nan"}, "PVMCACHE_READ_TIMEOUT: 'nan' is not"),
         (["ls"], {"PVMCACHE_RETRIES": "-2"}, "PVMCACHE_RETRIES: '-2' is not a whole number"),
-        (["--retries", "-1", "ls"], {}, "--retries: '-1' is not a whole number >= 0"),
+        (["--retries", "-1", "ls"], {}, "--retries: '-1' is not a whole number >= 1"),
+        (["--retries", "0", "ls"], {}, "--retries: '0' is not a whole number >= 1"),
         (["--max-downloads", "0", "ls"], {}, "--max-downloads: '0' is not a whole number >= 1"),
         (["prune", "--min-age", "nan"], {}, "--min-age: 'nan' is not a finite number"),
         (["prune", "--max-count", "-1"], {}, "--max-count: '-1' is not a whole number >= 0"),
@@ -345,3 +346,41 @@ def test_a_deploy_whose_progress_cannot_be_shown_exits_0_with_its_disk(
     assert out.returncode == 0  # the disk was made: what shows its progress cannot fail it
     row = json.loads(out.stdout)
     assert row["result"] == "miss" and (tmp_path / row["disk"]).read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("bogus", "VG 'bogus' is not 'file:PATH' or 'powervm:...'"),
+        ("file:", "VG 'file:' is not 'file:PATH' or 'powervm:...'"),
+        ("powervm:nonsense", "VG powervm: 'nonsense' is not one of"),
+        ("powervm:", "VG powervm: vg=NAME (the volume group) is required"),
+        ("powervm:vg=a,vg=b", "VG powervm: vg is given twice"),
+        ("file:~nosuchuser4242/vg", "~nosuchuser4242 is no user's home directory"),
+    ],
+)
+@pytest.mark.parametrize("where", ["option", "env"])
+@pytest.mark.parametrize("command", [["ls"], ["prune"], ["deploy", IMG, "--instance", INST]])
+def test_a_malformed_vg_is_a_usage_error_naming_the_spec(
+    tmp_path: Path, spec: str, words: str, where: str, command: list[str]
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    args = [*GLANCE, *(["--vg", spec] if where == "option" else []), *command]
+    if where == "env":
+        env["PVMCACHE_VG"] = spec
+    env["HOME"] = str(tmp_path)  # were a default VG made, it would be here
+    out = subprocess.run(
+        [sys.executable, "-m", "pvmcache_async", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    [line] = out.stderr.splitlines()
+    named = "argument --vg: " if where == "option" else "PVMCACHE_VG: "
+    assert line.startswith(f"pvmcache-async: error: {named}") and words in line, line
+    assert list(tmp_path.iterdir()) == []  # nothing made, not even a default VG

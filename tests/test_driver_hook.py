@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
+import logging
 import os
 import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,9 +22,11 @@ from keystoneauth1 import loading as ks_loading
 from nova import objects, service_auth
 
 from pvmcache_async.driver_hook import DriverHook
-from pvmcache_async.errors import GlanceError, InvalidInput
+from pvmcache_async.errors import CacheError, DiskExists, GlanceError, InvalidInput
+from pvmcache_async.models import DeployResult
 from pvmcache_dev.glance import GlanceServer
 
+from .faultproxy import FaultProxy, ThreadedFaultProxy, stall
 from .nova_support import CONF, make_instance
 from .support import disk_image, vg_files
 
@@ -302,3 +307,154 @@ def test_a_cached_image_deploys_even_when_the_glance_endpoint_cannot_be_found(
     finally:
         restarted.close()
     assert glance_server.file_requests(img) == 1
+
+
+@pytest.fixture
+def stalling_glance(
+    glance_server: GlanceServer, nova_conf: Path
+) -> Iterator[tuple[FaultProxy, ThreadedFaultProxy]]:
+    """nova's [glance] api_servers pointing at a fault proxy in front of the real Glance (its
+    own thread): a planned stall holds a download until ``release_stalls``."""
+    threaded = ThreadedFaultProxy(glance_server.url)
+    with threaded as proxy:
+        CONF.set_override("api_servers", [proxy.url], "glance")
+        yield proxy, threaded
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """``call()`` in a native thread, as nova calls the hook; its result or error lands in
+    the list."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # what nova's thread would get, kept
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+@contextlib.contextmanager
+def _said(words: str, event: threading.Event) -> Iterator[None]:
+    """``event`` is set once the hook logs a line holding ``words`` (at info)."""
+    hook_log = logging.getLogger("pvmcache_async.driver_hook")
+    handler = _Said(words, event)
+    level = hook_log.level
+    hook_log.addHandler(handler)
+    hook_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        hook_log.removeHandler(handler)
+        hook_log.setLevel(level)
+
+
+class _Said(logging.Handler):
+    """Sets ``event`` once a log record holding ``words`` is emitted."""
+
+    def __init__(self, words: str, event: threading.Event) -> None:
+        super().__init__()
+        self.words, self.event = words, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.event.set()
+
+
+def test_a_delete_racing_a_create_of_the_instance_waits_for_it_and_removes_its_disk(
+    hook: DriverHook,
+    nova_db: Any,
+    glance_server: GlanceServer,
+    nova_conf: Path,
+    stalling_glance: tuple[FaultProxy, ThreadedFaultProxy],
+) -> None:
+    proxy, threaded = stalling_glance
+    img = glance_server.create_image(disk_image(MiB, seed=150))
+    inst = make_instance(nova_db, img)
+    meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
+    proxy.plan(img, stall(after=MiB // 2))  # the create is held before its disk exists
+    create, created = _in_thread(lambda: hook.create_disk_from_image(nova_db, inst, meta))
+    proxy.stalled.wait()
+    # the delete either waits for the create (it says so) or has already returned: either
+    # way, only then is the create let go, so the test decides, not the scheduler
+    settled = threading.Event()
+    with _said(f"instance {inst.uuid}: delete_instance_disk waits", settled):
+        delete, deleted = _in_thread(lambda: (hook.delete_instance_disk(inst), settled.set())[0])
+        settled.wait()
+        threaded.release_stalls()
+        create.join()
+        delete.join()
+    assert deleted == [None]
+    assert isinstance(created[0], DeployResult), created
+    assert vg_files(nova_conf) == ["i_" + img[:13].replace("-", "_")]  # the cache disk only
+
+
+def test_closing_the_hook_mid_download_gives_nova_s_threads_an_error_they_catch(
+    hook: DriverHook,
+    nova_db: Any,
+    glance_server: GlanceServer,
+    nova_conf: Path,
+    stalling_glance: tuple[FaultProxy, ThreadedFaultProxy],
+) -> None:
+    proxy, _ = stalling_glance
+    data = disk_image(MiB, seed=151)
+    img = glance_server.create_image(data)
+    inst = make_instance(nova_db, img)
+    meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
+    proxy.plan(img, stall(after=MiB // 2))
+    create, created = _in_thread(lambda: hook.create_disk_from_image(nova_db, inst, meta))
+    proxy.stalled.wait()
+    queued = threading.Event()  # a delete of the instance waits behind the create
+    with _said(f"instance {inst.uuid}: delete_instance_disk waits", queued):
+        delete, deleted = _in_thread(lambda: hook.delete_instance_disk(inst))
+        queued.wait()
+    hook.close()  # nova-compute stopping (cleanup_host) while the download is under way
+    create.join()
+    delete.join()
+
+    for [error], image_id in ((created, img), (deleted, None)):
+        assert isinstance(error, Exception), repr(error)  # nova's ``except Exception`` takes it
+        assert isinstance(error, CacheError) and not isinstance(error, asyncio.CancelledError)
+        assert error.image_id == image_id
+        assert error.message == "the image cache was closed before this call ended"
+    assert vg_files(nova_conf) == []  # no partial, no instance disk
+    assert _loop_threads() == []
+    # nothing of the instance stays locked: it is deployed and deleted again at once
+    deployed = hook.create_disk_from_image(nova_db, inst, meta)
+    assert deployed is not None and (nova_conf / deployed.disk).read_bytes() == data
+    hook.delete_instance_disk(inst)
+    assert vg_files(nova_conf) == ["i_" + img[:13].replace("-", "_")]
+
+
+def test_two_instances_whose_disks_share_a_name_the_second_fails_at_once_naming_both(
+    hook: DriverHook,
+    nova_db: Any,
+    glance_server: GlanceServer,
+    nova_conf: Path,
+    stalling_glance: tuple[FaultProxy, ThreadedFaultProxy],
+) -> None:
+    proxy, threaded = stalling_glance
+    data = disk_image(MiB, seed=152)
+    img = glance_server.create_image(data)
+    first = make_instance(nova_db, img)
+    second = make_instance(nova_db, img, uuid=first.uuid[:14] + str(uuid.uuid4())[14:])
+    meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
+    proxy.plan(img, stall(after=MiB // 2))
+    create, created = _in_thread(lambda: hook.create_disk_from_image(nova_db, first, meta))
+    try:
+        proxy.stalled.wait()
+        with pytest.raises(DiskExists) as err:  # passed on by the mixin: nova may reschedule
+            hook.create_disk_from_image(nova_db, second, meta)
+    finally:
+        threaded.release_stalls()
+        create.join()
+    disk = "b_" + first.uuid[:13].replace("-", "_")
+    assert str(err.value) == (
+        f"image {img}: instances {first.uuid} and {second.uuid} would both get disk {disk}"
+    )
+    assert len(proxy.file_gets(img)) == 1
+    assert isinstance(created[0], DeployResult) and created[0].disk == disk
+    assert (nova_conf / disk).read_bytes() == data

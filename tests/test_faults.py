@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import (
+    DiskExists,
     GlanceClient,
     GlanceError,
     ImageCache,
@@ -176,8 +177,8 @@ async def test_retries_are_bounded_and_the_error_names_the_image_and_last_cause(
 
     assert all(isinstance(r, GlanceError) for r in results), results
     message = str(results[0])
-    assert img in message and "after 4 failed attempts" in message and "HTTP 503" in message
-    assert len(proxy.file_gets(img)) == FAST.retries + 1
+    assert img in message and "after 3 failed attempts" in message and "HTTP 503" in message
+    assert len(proxy.file_gets(img)) == FAST.retries  # --retries: the failed attempts in all
     assert vg_files(tmp_path / "vg") == [] and await cache.entries() == []
 
 
@@ -226,7 +227,7 @@ async def test_a_refused_connection_is_retried_then_named_in_the_error(tmp_path:
     img = str(uuid.uuid4())
     cache = ImageCache(FileVG(tmp_path / "vg"), _client(f"http://127.0.0.1:{port}"))
     try:
-        with pytest.raises(GlanceError, match=f"image {img}: giving up .* after 4 failed"):
+        with pytest.raises(GlanceError, match=f"image {img}: giving up .* after 3 failed"):
             await cache.ensure(img)
     finally:
         await cache.close()
@@ -531,5 +532,70 @@ def test_the_cli_gives_up_after_its_retries_with_one_line_naming_the_image(
     )
     assert out.returncode == 1
     [line] = out.stderr.splitlines()
-    assert img in line and "after 2 failed attempts" in line and "Traceback" not in line
+    assert img in line and "after 1 failed attempt in a row" in line and "Traceback" not in line
     assert vg_files(tmp_path / "vg") == []
+
+
+@pytest.mark.parametrize("what", ["record", "file"])
+def test_the_cli_s_retries_are_the_failed_attempts_in_a_row_before_it_gives_up(
+    glance_server: GlanceServer, tmp_path: Path, what: str
+) -> None:
+    img = glance_server.create_image(disk_image(MiB, seed=52))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    with ThreadedFaultProxy(glance_server.url) as proxy:
+        proxy.plan(img, *[answer(503)] * 20, what=what)  # a Glance that always fails
+        args = ["--glance-url", proxy.url, "--retries", "5", "--vg", f"file:{tmp_path / 'vg'}"]
+        out = subprocess.run(
+            [sys.executable, "-m", "pvmcache_async", *args, "prefetch", img],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        asked = [s for s in proxy.seen if s.path.startswith(f"/v2/images/{img}")]
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert (
+        f"image {img}: giving up on the image {'record' if what == 'record' else 'data'} " in line
+    )
+    assert "after 5 failed attempts in a row; last: Glance answered HTTP 503" in line
+    assert [s.status for s in asked if s.fault is not None] == [503] * 5
+    assert vg_files(tmp_path / "vg") == []
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["shared-prefix", "same-instance"])
+async def test_a_deploy_for_a_disk_name_another_deploy_is_making_fails_at_once(
+    proxy: FaultProxy, glance_server: GlanceServer, tmp_path: Path, same: bool
+) -> None:
+    data = disk_image(MiB, seed=53)
+    img = glance_server.create_image(data)
+    first = str(uuid.uuid4())
+    # the same first 13 characters: the same disk name, b_xxxxxxxx_xxxx
+    second = first if same else first[:14] + str(uuid.uuid4())[14:]
+    proxy.plan(img, stall(after=MiB // 2))
+    cache = ImageCache(FileVG(tmp_path / "vg"), _client(proxy.url))
+    try:
+        deploying = asyncio.create_task(cache.deploy(img, first))
+        await asyncio.to_thread(proxy.stalled.wait)  # the first is downloading
+        with pytest.raises(DiskExists) as err:
+            await cache.deploy(img, second)
+        proxy.release_stalls()
+        made = await deploying
+    finally:
+        proxy.release_stalls()
+        await cache.close()
+    disk = "b_" + first[:13].replace("-", "_")
+    if same:
+        assert (
+            str(err.value)
+            == f"image {img}: instance {first}: its disk {disk} is being made by another deploy"
+        )
+    else:
+        assert (
+            str(err.value)
+            == f"image {img}: instances {first} and {second} would both get disk {disk}"
+        )
+    assert len(proxy.file_gets(img)) == 1  # the second asked for nothing
+    assert made.disk == disk and (tmp_path / "vg" / disk).read_bytes() == data
+    assert sorted(vg_files(tmp_path / "vg")) == [disk, "i_" + img[:13].replace("-", "_")]

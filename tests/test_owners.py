@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_dev.glance import GlanceServer
 from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX, is_temporary_name
 from pvmcache_async.storage.filevg import HOLE_BLOCK, FileVG, probe_reflink
+from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import ThreadedFaultProxy, stall
 from .support import PLANTED, disk_image, plant, run_cli, start_cli, vg_files, wait_for

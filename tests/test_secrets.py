@@ -3,6 +3,7 @@ at any origin other than the configured Glance endpoint, whatever a redirect say
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async import GlanceClient, GlanceError, ImageCache, InvalidInput
+from pvmcache_async import GlanceClient, GlanceError, ImageCache, InvalidInput, glance
 from pvmcache_async.glance import RetryPolicy
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer
+from pvmcache_dev.keystone import Credentials, KeystoneServer
 
 from .faultproxy import FaultProxy, redirect
 from .support import disk_image, vg_files
@@ -142,8 +144,9 @@ async def test_a_token_no_header_can_carry_is_refused_without_echoing_it(
     assert token not in str(err.value) and img in str(err.value)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PVMCACHE_", "OS_"))}
+    env = clean | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "pvmcache_async", *args],
         capture_output=True,
@@ -194,3 +197,82 @@ def test_debug_output_of_a_redirected_download_holds_neither_token(
     assert out.returncode == 0, out.stderr
     assert "redirected within Glance" in out.stderr  # --debug did log the request path
     assert TOKEN not in out.stdout + out.stderr
+
+
+SECRET = "qs-" + uuid.uuid4().hex  # what a query or fragment of a URL would carry
+IN_URL = [f"/?token={SECRET}", f"/v2#{SECRET}", f"/?token={SECRET}#frag", f"?a=b#{SECRET}"]
+
+
+@pytest.mark.parametrize("tail", IN_URL)
+def test_redact_url_cuts_every_url_in_a_text_to_its_origin_and_path(tail: str) -> None:
+    text = f"talking to http://admin:{PASSWORD}@127.0.0.1:9292{tail} failed; see //h{tail} too"
+    redacted = glance.redact_url(text)
+    assert SECRET not in redacted and PASSWORD not in redacted
+    path = tail.partition("?")[0].partition("#")[0]
+    assert redacted == f"talking to http://127.0.0.1:9292{path} failed; see //h{path} too"
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+@pytest.mark.parametrize("where", ["option", "env"])
+@pytest.mark.parametrize("tail", IN_URL)
+def test_the_cli_refuses_a_glance_url_with_a_query_or_fragment_and_never_prints_it(
+    tmp_path: Path, debug: bool, where: str, tail: str
+) -> None:
+    url = f"http://127.0.0.1:1{tail}"
+    img = str(uuid.uuid4())
+    args = [*(["--debug"] if debug else []), *(["--glance-url", url] if where == "option" else [])]
+    env = {"PVMCACHE_GLANCE_URL": url} if where == "env" else {}
+    out = _cli(*args, "--vg", f"file:{tmp_path}", "prefetch", img, env=env)
+
+    assert out.returncode == 1
+    assert SECRET not in out.stdout + out.stderr
+    assert (
+        "Glance URL 'http://127.0.0.1:1" in out.stderr and "has a query or fragment" in out.stderr
+    )
+    if not debug:
+        assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_a_keystone_auth_url_s_query_and_fragment_are_never_printed(
+    tmp_path: Path, debug: bool
+) -> None:
+    clouds = tmp_path / "clouds.yaml"
+    auth = {
+        "auth_url": f"http://127.0.0.1:1/v3?token={SECRET}#{SECRET}",  # nothing listens
+        "username": "operator",
+        "password": PASSWORD,
+        "project_name": "demo",
+        "user_domain_name": "Default",
+        "project_domain_name": "Default",
+    }
+    clouds.write_text(json.dumps({"clouds": {"devstack": {"auth": auth}}}))
+    args = ["--debug"] if debug else []
+    env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
+    out = _cli(*args, "--os-cloud", "devstack", "--vg", f"file:{tmp_path / 'vg'}", "prefetch",
+               str(uuid.uuid4()), env=env)  # fmt: skip
+
+    assert out.returncode == 1
+    assert SECRET not in out.stdout + out.stderr and PASSWORD not in out.stdout + out.stderr
+    assert "cannot reach keystone at http://127.0.0.1:1/v3 (user 'operator')" in out.stderr
+    if not debug:  # keystoneauth's own warning, cut as well, then the error
+        assert out.stderr.splitlines()[-1].startswith("pvmcache-async: cannot reach keystone")
+
+
+def test_a_catalog_s_glance_endpoint_with_a_query_is_refused_without_echoing_it(
+    keystone: KeystoneServer, operator: Credentials, tmp_path: Path
+) -> None:
+    region = "RegionQuery"
+    keystone._admin("POST", "/regions", {"region": {"id": region}})
+    keystone.add_endpoint(
+        "image", "glance-query", f"http://127.0.0.1:1/?token={SECRET}", region=region
+    )
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text(operator.clouds_yaml("devstack", region=region))
+    env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
+    out = _cli("--debug", "--os-cloud", "devstack", "--vg", f"file:{tmp_path / 'vg'}",
+               "prefetch", str(uuid.uuid4()), env=env)  # fmt: skip
+
+    assert out.returncode == 1
+    assert SECRET not in out.stdout + out.stderr
+    assert "Glance URL 'http://127.0.0.1:1/' has a query or fragment" in out.stderr

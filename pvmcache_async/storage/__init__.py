@@ -16,6 +16,7 @@ __all__ = [
     "DiskInfo",
     "PartialDisk",
     "VolumeGroup",
+    "check_vg_spec",
     "default_vg_spec",
     "open_vg",
 ]
@@ -33,21 +34,42 @@ def open_vg(spec: str, *, create: bool = True) -> VolumeGroup:
     ``create=False`` (for looking and pruning): a file VG that does not exist is an error
     naming its path, not made anew, so a mistyped path creates nothing.
 
-    A spec that cannot name a VG is InvalidInput saying why; its text is echoed cut short, and
-    a ``powervm:`` spec's key=value part not at all (its own parser names the bad item).
+    A spec that cannot name a VG is InvalidInput saying why (``check_vg_spec``).
     """
-    kind, sep, rest = spec.partition(":")
-    if kind == "file" and sep and rest:
+    kind, rest = _kind_of(spec)
+    if kind == "file":
         from .filevg import FileVG  # imported on demand: each backend has its own deps
 
         return FileVG(_file_vg_path(rest), create=create)
-    if kind == "powervm" and sep:
-        try:
-            from .powervm import open_powervm_vg  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise InvalidInput(f"VG powervm: the PowerVM backend is unavailable ({exc})") from exc
-        vg: VolumeGroup = open_powervm_vg(rest)
-        return vg
+    try:
+        from .powervm import open_powervm_vg  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise InvalidInput(f"VG powervm: the PowerVM backend is unavailable ({exc})") from exc
+    vg: VolumeGroup = open_powervm_vg(rest)
+    return vg
+
+
+def check_vg_spec(spec: str) -> None:
+    """Raise InvalidInput when ``spec`` cannot name a VG by its form alone, as ``open_vg``
+    would; nothing is opened, created or connected to (whether the VG is there is
+    ``open_vg``'s to say). Its text is echoed cut short, and a ``powervm:`` spec's key=value
+    part not at all (its own parser names the bad item)."""
+    kind, rest = _kind_of(spec)
+    if kind == "file":
+        _file_vg_path(rest)
+        return
+    try:
+        from .powervm_spec import parse_spec  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return  # no backend to parse it with: open_vg says that, it is not the spec's fault
+    parse_spec(rest)
+
+
+def _kind_of(spec: str) -> tuple[str, str]:
+    """(``file`` or ``powervm``, the rest after the colon)."""
+    kind, sep, rest = spec.partition(":")
+    if (kind == "file" and sep and rest) or (kind == "powervm" and sep):
+        return kind, rest
     raise InvalidInput(f"VG {shown(spec)} is not 'file:PATH' or 'powervm:...'")
 
 
