@@ -40,6 +40,7 @@ failing hardware (a test subclasses it to inject faults), and the cost of a copy
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,12 @@ class MemoryVG(VolumeGroup):
         check_disk_name(name, MAX_DISK_NAME)
         disk = self.disks.get(name)
         return None if disk is None else disk.identity
+
+    async def disk_digest(self, name: str, algo: str) -> str | None:
+        await asyncio.sleep(0)
+        check_disk_name(name, MAX_DISK_NAME)
+        disk = self.disks.get(name)
+        return None if disk is None else hashlib.new(algo, disk.data).hexdigest()
 
     async def create_partial(
         self, name: str, size: int, *, identity: DiskIdentity | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,11 @@ async def test_disks_are_listed_by_name_with_their_sizes(vg: MemoryVG) -> None:
         await partial.write(data)
         await partial.publish(name)
     assert await vg.list_disks() == [DiskInfo("i_a", 2), DiskInfo("i_b", 5)]
+
+
+async def test_a_disks_digest_is_read_back_from_its_bytes(vg: MemoryVG) -> None:
+    partial = await vg.create_partial("p_one", 6)
+    await partial.write(b"abcdef")
+    await partial.publish("i_one")
+    assert await vg.disk_digest("i_one", "sha256") == hashlib.sha256(b"abcdef").hexdigest()
+    assert await vg.disk_digest("i_none", "sha256") is None
