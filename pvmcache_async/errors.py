@@ -32,6 +32,15 @@ class InvalidInput(CacheError):
     """An argument was malformed: an image id that is not a uuid, a bad VG spec, ..."""
 
 
+class DiskTooSmall(InvalidInput):
+    """The instance disk asked for (a flavor's root disk) is smaller than its image."""
+
+    def __init__(self, message: str, *, image_id: str | None, disk_size: int, image_size: int):
+        self.disk_size = disk_size
+        self.image_size = image_size
+        super().__init__(message, image_id=image_id)
+
+
 class NoGlanceEndpoint(InvalidInput):
     """An image is not cached and no Glance endpoint is configured to fetch it from."""
 

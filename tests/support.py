@@ -25,6 +25,28 @@ def disk_image(size: int, seed: int = 0) -> bytes:
     return bytes(out[:size])
 
 
+def holds(path: Path, data: bytes, size: int) -> bool:
+    """Whether disk file ``path`` is ``size`` bytes: ``data``, then zeros only (reading just
+    the data extents past ``data``, so a sparse 1 GiB root disk is checked in a moment)."""
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size != size or f.read(len(data)) != data:
+            return False
+        pos = len(data)
+        while pos < size:
+            try:
+                pos = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole from here to the end
+                return True
+            end = min(size, os.lseek(f.fileno(), pos, os.SEEK_HOLE))
+            f.seek(pos)
+            while pos < end:
+                piece = f.read(min(1 << 20, end - pos))
+                if piece.count(0) != len(piece):
+                    return False
+                pos += len(piece)
+    return True
+
+
 def vg_files(root: Path) -> list[str]:
     """The disks of a file VG: every non-hidden regular file."""
     return sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -43,8 +65,8 @@ class PassedPartial(PartialDisk):
     async def rewind(self) -> None:
         await self._inner.rewind()
 
-    async def publish(self, final_name: str) -> None:
-        await self._inner.publish(final_name)
+    async def publish(self, final_name: str, size: int | None = None) -> None:
+        await self._inner.publish(final_name, size)
 
     async def discard(self) -> None:
         await self._inner.discard()

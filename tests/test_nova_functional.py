@@ -29,10 +29,10 @@ from pvmcache_async.fake_driver import FakeImageCacheDriver
 from pvmcache_async.names import instance_disk_name
 
 from .nova_support import age
-from .support import disk_image, vg_files
+from .support import disk_image, holds, vg_files
 
 CONF = nova.conf.CONF
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 DAY = 86400.0
 DRIVER = "pvmcache_ext.fake.FakeImageCacheDriver"
 
@@ -105,11 +105,21 @@ class _NovaWithCache(integrated_helpers._IntegratedTestBase):  # type: ignore[mi
         self.glance.create(None, record)
         return image_id
 
+    def _flavor(self, disk: int) -> str:
+        """A flavor of ``disk`` GB of root disk (nova's ``disk``, its ``root_gb``)."""
+        body = {"name": f"disk{disk}", "ram": 512, "vcpus": 1, "disk": disk}
+        return str(self.admin_api.post_flavor({"flavor": body})["id"])
+
     def _boot(
-        self, image_id: str, expected_state: str = "ACTIVE", host: str | None = None
+        self,
+        image_id: str,
+        expected_state: str = "ACTIVE",
+        host: str | None = None,
+        flavor: str | None = None,
     ) -> dict[str, Any]:
-        """A server booted through nova's API, once it reached ``expected_state``."""
-        body = self._build_server(image_uuid=image_id, networks="none", host=host)
+        """A server booted through nova's API, once it reached ``expected_state``; of
+        ``flavor`` (default: the harness's first, m1.tiny, whose root disk is 1 GB)."""
+        body = self._build_server(image_uuid=image_id, networks="none", host=host, flavor_id=flavor)
         server = self.api.post_server({"server": body})
         # the compute builds on a thread of its own even with CAST_AS_CALL; on a loaded
         # machine that takes longer than the helpers' default 5 s
@@ -118,6 +128,10 @@ class _NovaWithCache(integrated_helpers._IntegratedTestBase):  # type: ignore[mi
 
     def _disk(self, server: dict[str, Any]) -> Path:
         return self._vg / instance_disk_name(server["id"])
+
+    def _holds(self, server: dict[str, Any], data: bytes, size: int = GiB) -> bool:
+        """Whether the server's disk is its image then zeros, ``size`` bytes in all."""
+        return holds(self._disk(server), data, size)
 
     def _instance_disks(self) -> list[str]:
         return [d for d in vg_files(self._vg) if d.startswith("b_")] if self._vg.exists() else []
@@ -142,7 +156,7 @@ class TestServersWithTheCache(_NovaWithCache):
 
         for i, server in servers:
             assert server["status"] == "ACTIVE"
-            assert self._disk(server).read_bytes() == data[i]
+            assert self._holds(server, data[i])
         for image_id in images:
             assert self._real_glance.file_requests(image_id) == 1
         assert len(self._cache_disks()) == 2
@@ -150,8 +164,22 @@ class TestServersWithTheCache(_NovaWithCache):
         deleted, kept = servers[0][1], servers[2][1]
         self._delete_server(deleted)
         assert not self._disk(deleted).exists()  # the instance's disk goes with it,
-        assert self._disk(kept).read_bytes() == data[0]  # its image stays cached
+        assert self._holds(kept, data[0])  # its image stays cached
         assert len(self._cache_disks()) == 2
+
+    def test_a_server_s_root_disk_is_its_flavor_s_and_the_cache_disk_its_image_s(self) -> None:
+        data = disk_image(16 * MiB, seed=310)
+        image_id = self._image(data)
+        disk1, disk0 = self._flavor(1), self._flavor(0)
+
+        sized = self._boot(image_id, flavor=disk1)
+        as_image = self._boot(image_id, flavor=disk0)  # root_gb 0: the image's size
+
+        assert self._holds(sized, data, GiB)
+        assert self._holds(as_image, data, len(data))
+        (cache_disk,) = self._cache_disks()
+        assert (self._vg / cache_disk).stat().st_size == len(data)
+        assert self._real_glance.file_requests(image_id) == 1
 
     def test_a_failed_build_leaves_no_disk_and_its_fault_names_the_image_and_the_cause(
         self,
@@ -204,7 +232,7 @@ class TestImagePreCacheAPI(_NovaWithCache):
         assert self._cache_disks() == ["i_" + image_id[:13].replace("-", "_")]
 
         server = self._boot(image_id, host="compute")  # the pre-cached image serves it
-        assert self._disk(server).read_bytes() == data
+        assert self._holds(server, data)
         assert self._real_glance.file_requests(image_id) == 1
 
 
@@ -222,11 +250,11 @@ class TestImageCacheManagerPass(_NovaWithCache):
         self.compute.manager._run_image_cache_manager_pass(nova_context.get_admin_context())
 
         assert self._cache_disks() == sorted([cache_disk["a"], cache_disk["c"]])
-        assert self._disk(servers["a"]).read_bytes() == data["a"]
+        assert self._holds(servers["a"], data["a"])
         assert "Removed unused cache disks: " + cache_disk["b"] in self.stdlog.logger.output
 
         again = self._boot(images["b"])  # a removed image is fetched afresh when needed
-        assert self._disk(again).read_bytes() == data["b"]
+        assert self._holds(again, data["b"])
         assert self._real_glance.file_requests(images["b"]) == 2
 
 

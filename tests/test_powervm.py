@@ -340,6 +340,22 @@ async def test_hit_uploads_nothing_and_copies_once(
     assert glance_server.file_requests(image) == 1
 
 
+async def test_a_deploy_of_a_size_copies_into_a_disk_of_that_many_gb(
+    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(2 * MiB, seed=49)
+    image = glance_server.create_image(data)
+
+    deployed = await cache.deploy(image, str(uuid.uuid4()), size=3 << 30)
+    plain = await cache.deploy(image, str(uuid.uuid4()))
+
+    assert pvm.disk(deployed.disk).capacity == 3  # crt_copy_vdisk's d_size, in GB
+    assert await cache.vg.disk_size(deployed.disk) == 3 << 30
+    assert pvm.disk(plain.disk).capacity == 1 and pvm.disk(deployed.cache_disk).capacity == 1
+    assert await cache.vg.disk_size(plain.disk) == len(data)
+    assert pvm.content(deployed.disk) == data
+
+
 async def test_concurrent_deploys_download_once_and_copy_each(
     cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
 ) -> None:

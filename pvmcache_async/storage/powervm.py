@@ -216,9 +216,11 @@ class PowerVMPartialDisk(PartialDisk):
         await self._vg.delete(self.name)  # in case pypowervm's own clean-up failed
         self._buffer = None
 
-    async def publish(self, final_name: str) -> None:
+    async def publish(self, final_name: str, size: int | None = None) -> None:
         if self._closed:
             raise StorageError(f"partial disk {self.name} is already closed")
+        if size not in (None, self.size):  # create_copy offers no tee: only cache disks here
+            raise InvalidInput(f"partial disk {self.name} is published at its own size")
         self._vg.check_name(final_name)
         written = self._buffer.bytes_written if self._buffer is not None else 0
         if self._buffer is None or self._upload is None or written != self.size:
@@ -456,8 +458,10 @@ class PowerVMVG(VolumeGroup):
 
         await self._call(f"publishing {name} as {final_name}", rename)
 
-    async def clone(self, source: str, target: str) -> None:
-        """A server-side copy (``crt_copy_vdisk``) of ``source`` into a new disk ``target``."""
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
+        """A server-side copy (``crt_copy_vdisk``) of ``source`` into a new disk ``target``
+        of ``size`` bytes (rounded up to whole GB by pypowervm, as nova-powervm's
+        ``crt_copy_vdisk(..., flavor.root_gb)``); the VIOS fills what follows the source."""
         self.check_name(source)
         self.check_name(target)
 
@@ -472,15 +476,18 @@ class PowerVMVG(VolumeGroup):
 
         def clone() -> None:
             t = self.target_sync()
-            size = self._sized(src)
+            have = self._sized(src)
+            if size is not None and size < have:
+                raise InvalidInput(f"disk {target}: {size} bytes cannot hold {have}")
             try:
                 new = pvm_stg.crt_copy_vdisk(
                     t.adapter,
                     t.vios_uuid,
                     t.vg_uuid,
                     src.udid,
-                    size,
+                    have,
                     target,
+                    d_size=size,
                     file_format=src.file_format,
                 )
             except Exception:
@@ -491,7 +498,7 @@ class PowerVMVG(VolumeGroup):
                     if partial:
                         pvm_stg.rm_vg_storage(vg_now, vdisks=partial)
                 raise
-            self._record(target, new.udid, size)
+            self._record(target, new.udid, have if size is None else size)
 
         await self._call(f"cloning {source} to {target}", clone)
 
