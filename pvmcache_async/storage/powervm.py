@@ -37,8 +37,9 @@ import logging
 import math
 import os
 import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,10 +54,13 @@ from .powervm_stream import StreamBuffer
 
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")
+    from oslo_concurrency import lockutils
     from pypowervm import const as pvm_const
     from pypowervm import exceptions as pvm_exc
+    from pypowervm.helpers import vios_busy
     from pypowervm.tasks import storage as pvm_stg
     from pypowervm.wrappers import storage as pvm_stor
+    from pypowervm.wrappers import vios_file as pvm_vf
     from pypowervm.wrappers import virtual_io_server as pvm_vios
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,10 @@ T = TypeVar("T")
 GB = 1 << 30  # pypowervm's sizes are in GB (GiB: util.convert_bytes_to_gb divides by 1024**3)
 MAX_UPLOADS = 3  # pypowervm's own cap (tasks.storage._UPLOAD_SEM); more would only queue
 RENAME_TRIES = 10
+# pypowervm's process-wide lock of VG updates (tasks.storage._LOCK_VOL_GRP): crt_vdisk and
+# rm_vg_storage hold it; oslo's internal lock of one name is one lock in the process
+VOL_GRP_LOCK = "vol_grp_lock"
+VG_LOCK_FILE = "vg.lock"  # in the state directory: the VG's changes across processes
 
 assert MAX_DISK_NAME <= pvm_const.MaxLen.VDISK_NAME  # names.py keeps names within PowerVM's
 
@@ -115,9 +123,9 @@ class VDiskState:
 
     @classmethod
     def of(cls, vdisk: Any) -> VDiskState:
-        return cls(
-            _disk_name(vdisk), vdisk.udid, vdisk.capacity or 0.0, vdisk.file_format, vdisk.label
-        )
+        # VDisk.bld writes str(None), "None", as the label of a disk made without one
+        label = vdisk.label if vdisk.label not in (None, "", "None") else None
+        return cls(_disk_name(vdisk), vdisk.udid, vdisk.capacity or 0.0, vdisk.file_format, label)
 
 
 def _disk_name(vdisk: Any) -> str:
@@ -171,19 +179,38 @@ class PowerVMPartialDisk(PartialDisk):
     def _run_upload(self, buffer: StreamBuffer) -> Any:
         """In an upload thread: create the disk under the partial name and stream into it.
 
-        pypowervm removes the disk itself when the stream fails (``_clean_out_bad_upload``).
+        pypowervm's ``upload_new_vdisk`` in its public steps, so that the disk's creation
+        (``crt_vdisk``, an unconditional PUT of the VG) runs under the VG's change lock
+        (``PowerVMVG.changing``): the disk, then its File, then the upload, without the VIOS
+        busy retry (a retried upload would read the stream again), as pypowervm uploads. A
+        failed upload removes the disk; the File is removed whatever happens (a VIOS keeps
+        100), and one whose removal failed is tried again by ``remove_dead_temporaries``.
         """
         try:
-            target = self._vg.target_sync()
-            vdisk, _file = pvm_stg.upload_new_vdisk(
-                target.adapter,
-                target.vios_uuid,
-                target.vg_uuid,
-                buffer,
-                self.name,
-                self.size,
-                upload_type=pvm_stg.UploadType.IO_STREAM,
-            )
+            t = self._vg.target_sync()
+            gb = math.ceil(self.size / GB)
+            with self._vg.changing(pypowervm_locks=True):
+                vdisk = pvm_stg.crt_vdisk(t.adapter, t.vios_uuid, t.vg_uuid, self.name, gb)
+            try:
+                vio_file = pvm_vf.File.bld(
+                    t.adapter,
+                    self.name,
+                    pvm_vf.FileType.DISK_IMAGE,
+                    t.vios_uuid,
+                    f_size=self.size,
+                    tdev_udid=vdisk.udid,
+                ).create()
+                try:
+                    helpers = [
+                        h for h in t.adapter.helpers if h is not vios_busy.vios_busy_retry_helper
+                    ]
+                    t.adapter.upload_file(vio_file.element, buffer, helpers=helpers)
+                finally:
+                    self._vg.remove_file(vio_file)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    self._vg.delete_sync(self.name, vdisk.udid)
+                raise
         except BaseException as exc:
             buffer.reader_failed(exc)
             raise
@@ -276,6 +303,8 @@ class PowerVMVG(VolumeGroup):
         self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
         self._upload_slots = asyncio.Semaphore(MAX_UPLOADS)
         self.live: set[PowerVMPartialDisk] = set()  # partial disks not yet published or discarded
+        self.waiting_changes = 0  # changes waiting for the change lock (for tests, diagnostics)
+        self._counting = threading.Lock()
         # the reads that change nothing share one GET of the VG (a slow REST call, and a deploy
         # storm asks it hundreds of times at once); changes read it afresh for their etag
         self._state: SharedRead[VGState] = SharedRead(
@@ -290,6 +319,7 @@ class PowerVMVG(VolumeGroup):
             ) from exc
         private_dir(state_dir)
         self.owners = OwnerLocks(private_dir(state_dir / "owners"))
+        self._files = private_dir(state_dir / "files")  # uploads' Files left on the server
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -332,6 +362,66 @@ class PowerVMVG(VolumeGroup):
 
     def check_name(self, name: str) -> None:
         check_disk_name(name, pvm_const.MaxLen.VDISK_NAME)
+
+    @contextlib.contextmanager
+    def changing(self, *, pypowervm_locks: bool = False) -> Iterator[None]:
+        """Every change of the VG runs inside (blocking: worker threads only).
+
+        pypowervm's ``crt_vdisk`` PUTs the VG it read without If-Match: a change made by
+        anyone between its GET and its PUT is lost (a rename undone, a new disk dropped).
+        So every change holds the state directory's ``vg.lock`` (every thread and process
+        of this host on this VG) and pypowervm's own ``vol_grp_lock`` (every thread of this
+        process, code that is not ours included), in that order. ``pypowervm_locks``: the
+        body calls a pypowervm task that takes ``vol_grp_lock`` itself (it is not reentrant).
+        """
+        lock = FileLock(self.state_dir / VG_LOCK_FILE)
+        delay = 0.001
+        with self._counting:
+            self.waiting_changes += 1
+        try:
+            while not lock.try_acquire():
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        finally:
+            with self._counting:
+                self.waiting_changes -= 1
+        try:
+            if pypowervm_locks:
+                yield
+            else:
+                with lockutils.lock(VOL_GRP_LOCK):
+                    yield
+        finally:
+            lock.release()
+
+    def remove_file(self, vio_file: Any) -> None:
+        """Remove an upload's File (a VIOS keeps 100); one that cannot be removed now is
+        recorded, for ``remove_dead_temporaries`` to try again."""
+        try:
+            vio_file.adapter.delete(vio_file.schema_type, root_id=vio_file.uuid, service="web")
+        except pvm_exc.HttpNotFound:
+            pass
+        except Exception as exc:
+            log.warning("the File %s of an upload is left (%s); retried later", vio_file.uuid, exc)
+            (self._files / vio_file.uuid).touch()
+        else:
+            (self._files / vio_file.uuid).unlink(missing_ok=True)
+
+    def _remove_left_files(self) -> None:
+        target = self.target_sync()
+        for left in sorted(self._files.iterdir()):
+            with contextlib.suppress(Exception):
+                target.adapter.delete(pvm_vf.File.schema_type, root_id=left.name, service="web")
+                left.unlink()
+
+    def delete_sync(self, name: str, udid: str | None = None) -> None:
+        """Remove disk ``name`` (only the one of ``udid`` if given), under the change lock."""
+        with self.changing(pypowervm_locks=True):
+            vg_w = self._read_vg()
+            found = [d for d in self._named(vg_w, name) if udid is None or d.udid == udid]
+            if found:
+                pvm_stg.rm_vg_storage(vg_w, vdisks=found)  # retries on etag mismatch itself
+            self._forget(name)
 
     @staticmethod
     def _named(vg_w: Any, name: str) -> list[Any]:
@@ -414,6 +504,7 @@ class PowerVMVG(VolumeGroup):
         return DiskIdentity(str(found[0].label), size)
 
     async def remove_dead_temporaries(self) -> list[str]:
+        await self._call("removing the Files of failed uploads", self._remove_left_files)
         seen = {d.name for d in await self._disks() if is_temporary_name(d.name)}
         dead = await asyncio.to_thread(self.owners.dead, sorted(seen), (PARTIAL_PREFIX,))
         removed = []
@@ -427,31 +518,59 @@ class PowerVMVG(VolumeGroup):
                 OwnerLocks.disown(owner)
         return removed
 
+    def _taken_elsewhere(self, name: str) -> str | None:
+        """The other VG of this VIOS that holds a disk ``name``, if one does: AIX names
+        logical volumes per VIOS, not per VG, so such a name cannot be made here."""
+        t = self.target_sync()
+        for vg_w in pvm_stor.VG.get(t.adapter, parent_type=pvm_vios.VIOS, parent_uuid=t.vios_uuid):
+            if vg_w.uuid != t.vg_uuid and self._named(vg_w, name):
+                return str(vg_w.name)
+        return None
+
+    def _check_free_sync(self, vg_w: Any, name: str) -> None:
+        if self._named(vg_w, name):
+            raise DiskExists(f"disk {name} already exists in the volume group")
+        if (other := self._taken_elsewhere(name)) is not None:
+            raise DiskExists(f"disk {name} already exists on this VIOS, in volume group {other}")
+
     async def rename(
         self, udid: str, name: str, final_name: str, label: str | None, size: int
     ) -> None:
-        """Rename disk ``udid`` (now ``name``) to ``final_name``; retry on etag mismatch."""
+        """Rename disk ``udid`` (now ``name``) to ``final_name``; retry on etag mismatch.
+
+        The rename is proven, not assumed: the VG that the update returned (and, if that
+        disagrees, a fresh read) must show the disk of ``udid`` under ``final_name``. A VIOS
+        that ignores the rename leaves the disk under its partial name, which the caller
+        then removes: an unverified disk never appears under a cache disk's name."""
+
+        def renamed(vg_w: Any) -> bool:
+            return any(d.udid == udid and _disk_name(d) == final_name for d in vg_w.virtual_disks)
 
         def rename() -> None:
-            for _ in range(RENAME_TRIES):
-                vg_w = self._read_vg()
-                if self._named(vg_w, final_name):
-                    raise DiskExists(f"disk {final_name} already exists in the volume group")
-                disk = next((d for d in vg_w.virtual_disks if d.udid == udid), None)
-                if disk is None:
-                    raise StorageError(f"disk {name} (udid {udid}) vanished before its rename")
-                disk.name = final_name
-                if label is not None:
-                    disk._label(label)  # a second record of the image id, beside the index
-                try:
-                    vg_w.update()
-                except pvm_exc.HttpError as exc:
-                    if _is_etag_mismatch(exc):
-                        log.debug("etag mismatch renaming %s to %s; retrying", name, final_name)
-                        continue  # the VG changed under us: read it again
-                    raise
-                self._record(final_name, udid, size)
-                return
+            with self.changing():
+                for _ in range(RENAME_TRIES):
+                    vg_w = self._read_vg()
+                    self._check_free_sync(vg_w, final_name)
+                    disk = next((d for d in vg_w.virtual_disks if d.udid == udid), None)
+                    if disk is None:
+                        raise StorageError(f"disk {name} (udid {udid}) vanished before its rename")
+                    disk.name = final_name
+                    if label is not None:
+                        disk._label(label)  # a second record of the image id, beside the index
+                    try:
+                        after = vg_w.update()
+                    except pvm_exc.HttpError as exc:
+                        if _is_etag_mismatch(exc):
+                            log.debug("etag mismatch renaming %s to %s; retrying", name, final_name)
+                            continue  # the VG changed under us: read it again
+                        raise
+                    if not (renamed(after) or renamed(self._read_vg())):
+                        raise StorageError(
+                            f"the VIOS did not rename {name} to {final_name} (it answered with "
+                            "the old name); the disk is not published"
+                        )
+                    self._record(final_name, udid, size)
+                    return
             raise StorageError(
                 f"renaming {name} to {final_name}: the VG kept changing ({RENAME_TRIES} tries)"
             )
@@ -461,58 +580,58 @@ class PowerVMVG(VolumeGroup):
     async def clone(self, source: str, target: str, size: int | None = None) -> None:
         """A server-side copy (``crt_copy_vdisk``) of ``source`` into a new disk ``target``
         of ``size`` bytes (rounded up to whole GB by pypowervm, as nova-powervm's
-        ``crt_copy_vdisk(..., flavor.root_gb)``); the VIOS fills what follows the source."""
+        ``crt_copy_vdisk(..., flavor.root_gb)``); the VIOS fills what follows the source.
+
+        The copy is one VG update, under the change lock (``changing``) for all of it: the
+        VIOS answers once the copy is made, and ``crt_vdisk`` PUTs without If-Match."""
         self.check_name(source)
         self.check_name(target)
 
-        seen = await self._disks()  # crt_copy_vdisk reads the VG again, for its update
+        seen = await self._disks()  # a quick refusal before taking the change lock
         if any(d.name == target for d in seen):
             raise DiskExists(f"disk {target} already exists in the volume group")
-        found = [d for d in seen if d.name == source]
-        if not found:
+        if not any(d.name == source for d in seen):
             raise StorageError(f"cloning {source} to {target}: there is no disk {source}")
-        src = found[0]
-        before = {d.udid for d in seen}
 
         def clone() -> None:
             t = self.target_sync()
-            have = self._sized(src)
-            if size is not None and size < have:
-                raise InvalidInput(f"disk {target}: {size} bytes cannot hold {have}")
-            try:
-                new = pvm_stg.crt_copy_vdisk(
-                    t.adapter,
-                    t.vios_uuid,
-                    t.vg_uuid,
-                    src.udid,
-                    have,
-                    target,
-                    d_size=size,
-                    file_format=src.file_format,
-                )
-            except Exception:
-                # a copy the server began under the target name must not pass for complete
-                with contextlib.suppress(Exception):
-                    vg_now = self._read_vg()
-                    partial = [d for d in self._named(vg_now, target) if d.udid not in before]
-                    if partial:
-                        pvm_stg.rm_vg_storage(vg_now, vdisks=partial)
-                raise
-            self._record(target, new.udid, have if size is None else size)
+            with self.changing(pypowervm_locks=True):
+                vg_w = self._read_vg()
+                self._check_free_sync(vg_w, target)
+                found = self._named(vg_w, source)
+                if not found:
+                    raise StorageError(f"cloning {source} to {target}: there is no disk {source}")
+                src = VDiskState.of(found[0])
+                before = {d.udid for d in vg_w.virtual_disks}
+                have = self._sized(src)
+                if size is not None and size < have:
+                    raise InvalidInput(f"disk {target}: {size} bytes cannot hold {have}")
+                try:
+                    new = pvm_stg.crt_copy_vdisk(
+                        t.adapter,
+                        t.vios_uuid,
+                        t.vg_uuid,
+                        src.udid,
+                        have,
+                        target,
+                        d_size=size,
+                        file_format=src.file_format,
+                    )
+                except Exception:
+                    # a copy the server began under the target name must not pass for complete
+                    with contextlib.suppress(Exception):
+                        vg_now = self._read_vg()
+                        partial = [d for d in self._named(vg_now, target) if d.udid not in before]
+                        if partial:
+                            pvm_stg.rm_vg_storage(vg_now, vdisks=partial)
+                    raise
+                self._record(target, new.udid, have if size is None else size)
 
         await self._call(f"cloning {source} to {target}", clone)
 
     async def delete(self, name: str) -> None:
         self.check_name(name)
-
-        def delete() -> None:
-            vg_w = self._read_vg()
-            found = self._named(vg_w, name)
-            if found:
-                pvm_stg.rm_vg_storage(vg_w, vdisks=found)  # retries on etag mismatch itself
-            self._forget(name)
-
-        await self._call(f"deleting disk {name}", delete)
+        await self._call(f"deleting disk {name}", self.delete_sync, name)
 
     async def capacity(self) -> Capacity:
         return (await self._state()).capacity

@@ -20,11 +20,13 @@ from .checks import cause
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")
     from pypowervm import adapter as pvm_adpt
+    from pypowervm.helpers import log_helper, vios_busy
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER = 16 << 20  # bytes between the download and the upload thread (buffer_mb=)
 PASSWORD_ENV = "PVMCACHE_POWERVM_PASSWORD"
+ADAPTER_HELPERS = [log_helper.log_helper, vios_busy.vios_busy_retry_helper]  # nova-powervm's
 _SPEC_KEYS = {
     "host",
     "port",
@@ -125,7 +127,9 @@ def connect(spec: PowerVMSpec) -> Any:
 
     Without a host: the local NovaLink REST server with file-based authentication, as
     nova-powervm connected. With a host (an HMC or a remote NovaLink): user and password,
-    the password read from the environment variable ``spec.password_env``.
+    the password read from the environment variable ``spec.password_env``. The Adapter is
+    nova-powervm's: pypowervm's ``log_helper`` and ``vios_busy_retry_helper`` (a request the
+    VIOS answers "busy" is sent again, 3 times, 5 s apart and growing).
     """
     pvm_log = logging.getLogger("pypowervm")
     if pvm_log.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
@@ -150,4 +154,4 @@ def connect(spec: PowerVMSpec) -> Any:
         raise StorageError(
             f"VG {spec.text()}: cannot log on to the PowerVM REST API: {cause(exc)}"
         ) from None  # the chain could hold the logon request
-    return pvm_adpt.Adapter(session)
+    return pvm_adpt.Adapter(session, helpers=list(ADAPTER_HELPERS))
