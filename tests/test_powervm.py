@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import re
 import threading
 import time
@@ -56,7 +57,7 @@ from pvmcache_async.names import (
     partial_disk_name,
 )
 from pvmcache_async.storage import DiskIdentity, open_vg
-from pvmcache_async.storage.powervm import PowerVMPartialDisk, PowerVMVG
+from pvmcache_async.storage.powervm import STRAY_AGE, PowerVMPartialDisk, PowerVMVG
 from pvmcache_async.storage.powervm_spec import PASSWORD_ENV, connect, parse_spec
 from pvmcache_async.storage.powervm_stream import StreamBuffer
 
@@ -586,7 +587,8 @@ async def test_partial_left_by_a_crash_is_removed_and_never_cloned(
     image = glance_server.create_image(data)
     t = vg.target_sync()
     partial = partial_disk_name()
-    pvm_stg.crt_vdisk(pvm.adpt, t.vios_uuid, t.vg_uuid, partial, 1)  # a dead writer's: no owner
+    (vg.owners.directory / f"{partial}.lock").touch()  # a dead writer's: its owner file, free
+    pvm_stg.crt_vdisk(pvm.adpt, t.vios_uuid, t.vg_uuid, partial, 1)
     pvm.calls.clear()
 
     deployed = await cache.deploy(image, str(uuid.uuid4()))
@@ -597,6 +599,48 @@ async def test_partial_left_by_a_crash_is_removed_and_never_cloned(
     assert all(c[1] != partial for c in ops if c[0] in ("create", "copy"))
     assert pvm.content(deployed.disk) == data
     assert partial not in pvm.names()
+
+
+async def test_a_partial_without_an_owner_file_is_left_until_it_is_old(
+    vg: PowerVMVG, pvm: FakePowerVM, tmp_path: Path
+) -> None:
+    t = vg.target_sync()
+    stray = partial_disk_name()  # a live writer's with another state directory, or a host's
+    pvm_stg.crt_vdisk(pvm.adpt, t.vios_uuid, t.vg_uuid, stray, 1)
+    other = PowerVMVG(lambda: pvm.adpt, VG_NAME, state_dir=tmp_path / "elsewhere")
+
+    assert await vg.remove_dead_temporaries() == []
+    assert await other.remove_dead_temporaries() == []
+    assert stray in pvm.names()
+
+    record = vg.state_dir / "strays" / f"{stray}.json"  # first seen a day ago, same disk
+    first = json.loads(record.read_text())
+    record.write_text(json.dumps({**first, "seen": first["seen"] - STRAY_AGE}))
+    assert await vg.remove_dead_temporaries() == [stray]
+    assert stray not in pvm.names()
+    await other.close()
+
+
+async def test_a_state_directory_serves_one_vg_and_a_vg_one_state_directory(
+    pvm: FakePowerVM, tmp_path: Path
+) -> None:
+    claims = tmp_path / "claims"
+
+    def opened(vg_name: str, state: str) -> PowerVMVG:
+        return PowerVMVG(lambda: pvm.adpt, vg_name, state_dir=tmp_path / state, claims_dir=claims)
+
+    first = opened(VG_NAME, "a")
+    assert [d.name for d in await first.list_disks()] == ["test"]
+    vios = pvm_vios.VIOS.wrap(pvm.vios_feed)[0].name
+    again = PowerVMVG(
+        lambda: pvm.adpt, VG_NAME, vios_name=vios, state_dir=tmp_path / "a", claims_dir=claims
+    )
+    assert [d.name for d in await again.list_disks()] == ["test"]  # another spelling: fine
+
+    with pytest.raises(StorageError, match=f"already cached on this host .*state_dir={tmp_path}/a"):
+        await opened(VG_NAME, "b").list_disks()
+    with pytest.raises(StorageError, match="belongs to another volume group"):
+        await opened("rootvg", "a").list_disks()  # the VIOS's other VG
 
 
 async def test_a_partial_whose_writer_is_alive_is_never_removed(
@@ -748,6 +792,7 @@ async def test_the_adapter_has_nova_powervm_s_helpers_and_a_busy_vios_is_asked_a
     pvm: FakePowerVM, tmp_path: Path, glance_server: GlanceServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(PASSWORD_ENV, "pw")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     vg = open_vg(f"powervm:host=hmc1.example,user=u,vg={VG_NAME},state_dir={tmp_path}")
     cache = ImageCache(vg, GlanceClient(glance_server.url))
     data = disk_image(MiB, seed=71)
@@ -994,7 +1039,12 @@ def test_bad_spec_is_one_clear_line(rest: str, message: str) -> None:
 def test_default_state_dir_is_keyed_by_host_and_vg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", "/state")
     assert parse_spec("vg=rootvg").default_state_dir() == Path(
-        "/state/pvmcache_async/powervm/local_any_rootvg"
+        "/state/pvmcache_async/powervm/local_rootvg"
+    )
+    # naming the VIOS or not, one VG has one directory (and a second VG of that name on
+    # another VIOS is refused there: test_a_state_directory_serves_one_vg_...)
+    assert parse_spec("vios=vios1,vg=rootvg").default_state_dir() == Path(
+        "/state/pvmcache_async/powervm/local_rootvg"
     )
     assert (
         parse_spec("vg=rootvg,host=hmc1").default_state_dir()
@@ -1006,6 +1056,7 @@ async def test_open_vg_connects_with_the_password_from_the_environment(
     pvm: FakePowerVM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     vg = open_vg(f"powervm:host=hmc1.example,user=hscroot,vg={VG_NAME},state_dir={tmp_path}")
     try:
         assert [d.name for d in await vg.list_disks()] == ["test"]

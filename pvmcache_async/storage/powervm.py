@@ -73,6 +73,10 @@ RENAME_TRIES = 10
 # rm_vg_storage hold it; oslo's internal lock of one name is one lock in the process
 VOL_GRP_LOCK = "vol_grp_lock"
 VG_LOCK_FILE = "vg.lock"  # in the state directory: the VG's changes across processes
+VG_BINDING = "vg.json"  # in the state directory: the one VG (by uuid) it belongs to
+# a temporary disk without an owner file is another state directory's or host's writer's, or
+# nobody's: it is removed only once it has been seen for this long (a day outlasts uploads)
+STRAY_AGE = 86400.0
 
 assert MAX_DISK_NAME <= pvm_const.MaxLen.VDISK_NAME  # names.py keeps names within PowerVM's
 
@@ -98,6 +102,7 @@ def open_powervm_vg(rest: str) -> PowerVMVG:
         state_dir=spec.state_dir or spec.default_state_dir(),
         spec=spec.text(),
         buffer_bytes=spec.buffer_bytes,
+        claims_dir=spec.claims_dir(),
     )
 
 
@@ -291,6 +296,7 @@ class PowerVMVG(VolumeGroup):
         vios_name: str | None = None,
         spec: str | None = None,
         buffer_bytes: int = DEFAULT_BUFFER,
+        claims_dir: Path | None = None,
     ) -> None:
         self.vg_name = vg_name
         self.vios_name = vios_name
@@ -320,6 +326,8 @@ class PowerVMVG(VolumeGroup):
         private_dir(state_dir)
         self.owners = OwnerLocks(private_dir(state_dir / "owners"))
         self._files = private_dir(state_dir / "files")  # uploads' Files left on the server
+        self._strays = private_dir(state_dir / "strays")  # temporaries without an owner file
+        self._claims = None if claims_dir is None else private_dir(claims_dir)
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -343,6 +351,7 @@ class PowerVMVG(VolumeGroup):
                     vios_w, vg_w = pvm_stg.find_vg(adapter, self.vg_name, vios_name=self.vios_name)
                 except (pvm_exc.VGNotFound, pvm_exc.VIOSNotFound) as exc:
                     raise StorageError(f"VG {self.spec}: {cause(exc)}") from None
+                self._bind(vios_w, vg_w)
                 self._target = _Target(adapter, vios_w.uuid, vg_w.uuid)
             return self._target
 
@@ -406,6 +415,70 @@ class PowerVMVG(VolumeGroup):
             (self._files / vio_file.uuid).touch()
         else:
             (self._files / vio_file.uuid).unlink(missing_ok=True)
+
+    def _dead_candidates(self, disks: dict[str, VDiskState]) -> list[str]:
+        """The temporary disks that may be removed if their owner lock is free: those with
+        an owner file, and strays (no owner file) seen for ``STRAY_AGE`` (``_strays``)."""
+        owned = [n for n in sorted(disks) if (self.owners.directory / f"{n}.lock").exists()]
+        now = time.time()
+        old = []
+        for name in sorted(set(disks) - set(owned)):
+            record = self._strays / f"{name}.json"
+            try:
+                first = json.loads(record.read_text())
+            except (OSError, ValueError):
+                first = None
+            if not isinstance(first, dict) or first.get("udid") != disks[name].udid:
+                log.info("disk %s has no owner here; left until it is %d s old", name, STRAY_AGE)
+                record.write_text(json.dumps({"udid": disks[name].udid, "seen": now}))
+            elif now - float(first.get("seen", now)) >= STRAY_AGE:
+                old.append(name)
+        for record in self._strays.glob("*.json"):  # strays gone meanwhile
+            if record.stem not in disks:
+                record.unlink(missing_ok=True)
+        return owned + old
+
+    def _bind(self, vios_w: Any, vg_w: Any) -> None:
+        """Tie the state directory to the VG it serves (by uuid), and the VG to one state
+        directory on this host (``claims_dir``): two spellings of one VG never get two
+        indexes and two sets of owner locks, and two VGs never share one."""
+        mine = {"vios": vios_w.uuid, "vg": vg_w.uuid}
+        path = self.state_dir / VG_BINDING
+        try:
+            bound = json.loads(path.read_text())
+        except FileNotFoundError:
+            bound = None
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"VG {self.spec}: {path} is unreadable ({exc})") from None
+        if bound is not None and bound != mine:
+            raise StorageError(
+                f"VG {self.spec}: the state directory {self.state_dir} belongs to another "
+                f"volume group (uuid {bound.get('vg') if isinstance(bound, dict) else '?'}); "
+                "give this one a state_dir of its own"
+            )
+        if bound is None:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(mine))
+            os.replace(tmp, path)
+        if self._claims is None:
+            return
+        claim = self._claims / str(vg_w.uuid)
+        here = str(self.state_dir.resolve())
+        for _ in range(2):
+            try:
+                os.symlink(here, claim)
+                return
+            except FileExistsError:
+                other = os.readlink(claim)
+            if other == here:
+                return
+            if Path(other, VG_BINDING).exists():
+                raise StorageError(
+                    f"VG {self.spec}: volume group {vg_w.name} is already cached on this host "
+                    f"with the state directory {other}: use that one (state_dir={other})"
+                )
+            claim.unlink(missing_ok=True)  # a state directory removed since: claim it anew
+        raise StorageError(f"VG {self.spec}: cannot claim {claim}")
 
     def _remove_left_files(self) -> None:
         target = self.target_sync()
@@ -504,9 +577,19 @@ class PowerVMVG(VolumeGroup):
         return DiskIdentity(str(found[0].label), size)
 
     async def remove_dead_temporaries(self) -> list[str]:
+        """Remove the partial disks whose writer is dead: its owner file exists and is free.
+
+        A missing owner file proves nothing here: the writer may be a process using another
+        state directory, or another host (an HMC and a NovaLink reach one VIOS). Our own
+        writers create their owner file before the disk and remove it after the disk is gone
+        or renamed, so a disk of ours is never without one. Such a stray is left alone, and
+        removed only once this state directory has seen it, same udid, for ``STRAY_AGE``.
+        """
         await self._call("removing the Files of failed uploads", self._remove_left_files)
-        seen = {d.name for d in await self._disks() if is_temporary_name(d.name)}
-        dead = await asyncio.to_thread(self.owners.dead, sorted(seen), (PARTIAL_PREFIX,))
+        disks = {d.name: d for d in await self._disks() if is_temporary_name(d.name)}
+        names = await self._call("looking at the owners", self._dead_candidates, disks)
+        seen = set(names)
+        dead = await asyncio.to_thread(self.owners.dead, names, (PARTIAL_PREFIX,))
         removed = []
         for owner in dead:
             name = OwnerLocks.name_of(owner)

@@ -68,10 +68,20 @@ class PowerVMSpec:
         return "powervm:" + ",".join(parts)
 
     def default_state_dir(self) -> Path:
-        """Per user, keyed by host, VIOS and VG: the index and locks of this VG."""
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        key = f"{self.host or 'local'}_{self.vios or 'any'}_{self.vg}"
-        return Path(base) / "pvmcache_async" / "powervm" / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+        """Per user, keyed by host and VG name (not by ``vios``, so that naming the VIOS or
+        not gives one directory): the index and locks of this VG. Which VG a directory
+        serves is bound on first use (the VG's uuid), so two VGs never share one."""
+        key = f"{self.host or 'local'}_{self.vg}"
+        return _base() / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+
+    def claims_dir(self) -> Path:
+        """Per user: which state directory each VG (by uuid) of this host is cached with."""
+        return _base() / "claims"
+
+
+def _base() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "pvmcache_async" / "powervm"
 
 
 def parse_spec(rest: str) -> PowerVMSpec:
