@@ -14,6 +14,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import math
 import re
 import threading
 import time
@@ -43,6 +44,7 @@ from pvmcache_async import (
     CacheSettings,
     GlanceClient,
     ImageCache,
+    InsufficientSpace,
     IntegrityError,
     InvalidInput,
     Outcome,
@@ -57,7 +59,12 @@ from pvmcache_async.names import (
     partial_disk_name,
 )
 from pvmcache_async.storage import DiskIdentity, open_vg
-from pvmcache_async.storage.powervm import STRAY_AGE, PowerVMPartialDisk, PowerVMVG
+from pvmcache_async.storage.powervm import (
+    STRAY_AGE,
+    TIMED_OUT,
+    PowerVMPartialDisk,
+    PowerVMVG,
+)
 from pvmcache_async.storage.powervm_spec import PASSWORD_ENV, connect, parse_spec
 from pvmcache_async.storage.powervm_stream import StreamBuffer
 
@@ -111,6 +118,8 @@ class FakePowerVM:
         self.copy_held = threading.Event()  # set once a copy waits for hold_copy
         self.copies_running = self.max_copies_running = 0
         self.ignore_renames = False
+        self.copy_times_out = False  # the client's wait ends; the VIOS makes the disk anyway
+        self.free_gb = 1045  # upload_volgrp.txt's; each disk made takes its whole GB
         self.file_delete_fails = 0  # the next N File removals fail
         self.files_left: set[str] = set()
         self.helpers: list[Callable[..., Any]] = []  # what Adapter(session, helpers=) got
@@ -305,10 +314,24 @@ class FakePowerVM:
                 if udid not in kept:
                     self.data.pop(udid, None)
                     done.append(("delete", d.name))
+            made = sum(math.ceil(d.capacity) for d in new.virtual_disks if d.udid not in old)
+            gone = sum(math.ceil(d.capacity) for u, d in old.items() if u not in kept)
+            if made - gone > self.free_gb:
+                raise self._error(500, path)  # the VIOS's own words for a full VG are unknown
+            self.set_free(self.free_gb - made + gone, new)
             self.calls.extend(renames + done)
             self.etag += 1
             self.vg_entry = new.entry
+            if copying and self.copy_times_out:
+                raise pvm_exc.TimeoutError("the copy's PUT timed out on the client")
             return self._resp(self._vg_copy())
+
+    def set_free(self, gb: int, vg: Any = None) -> None:
+        """The VG's free GB, as its AvailableSize and FreeSpace say."""
+        self.free_gb = gb
+        vg = vg if vg is not None else self._vg()
+        for tag in ("AvailableSize", "FreeSpace"):
+            vg.set_parm_value(tag, str(gb))
 
     def create(self, wrapper: Any, root_type: str, **_: Any) -> Any:
         assert root_type == "File"
@@ -851,6 +874,45 @@ async def test_the_label_none_that_vdisk_bld_writes_is_no_identity(
     pvm_stg.crt_vdisk(pvm.adpt, t.vios_uuid, t.vg_uuid, "b_nolabel", 1)  # VDisk.bld: "None"
     assert pvm.disk("b_nolabel").label == "None"
     assert await vg.disk_identity("b_nolabel") is None
+
+
+async def test_a_full_vg_refuses_a_download_and_a_copy_as_insufficient_space(
+    cache: ImageCache, vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    image = glance_server.create_image(disk_image(MiB, seed=76))
+    pvm.set_free(1)
+    await cache.ensure(image)  # its cache disk takes the last GB
+    assert pvm.free_gb == 0 and await vg.reserves_space()  # counted once, by the VIOS
+
+    with pytest.raises(InsufficientSpace, match=r"needs 1 GB .* 0 GB free"):
+        await cache.deploy(image, str(uuid.uuid4()))
+    pvm.set_free(2)
+    with pytest.raises(InsufficientSpace, match=r"needs 3 GB .* 2 GB free"):
+        await cache.deploy(image, str(uuid.uuid4()), size=3 << 30)
+    with pytest.raises(InsufficientSpace, match="needs 3 GB"):
+        await vg.create_partial(partial_disk_name(), (2 << 30) + 1)
+
+    assert [n for n in _leftovers(pvm) if not n.startswith("i_")] == []
+
+
+async def test_a_copy_that_timed_out_is_left_to_the_vios_then_swept(
+    cache: ImageCache, vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    image = glance_server.create_image(disk_image(MiB, seed=77))
+    await cache.ensure(image)
+    instance = str(uuid.uuid4())
+    pvm.copy_times_out = True
+
+    with pytest.raises(StorageError, match="timed out"):
+        await cache.deploy(image, instance)
+    disk = instance_disk_name(instance)
+    assert disk in pvm.names()  # the VIOS may still be writing it: not removed now
+    assert await vg.remove_dead_temporaries() == [] and disk in pvm.names()
+
+    record = vg.state_dir / "timed_out" / f"{disk}.json"  # marked two hours ago
+    record.write_text(json.dumps({"seen": json.loads(record.read_text())["seen"] - TIMED_OUT}))
+    assert await vg.remove_dead_temporaries() == [disk]
+    assert disk not in pvm.names() and not record.exists()
 
 
 async def test_the_file_a_failed_clean_up_left_is_removed_later(

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import CacheError, DiskExists, InvalidInput, StorageError
+from ..errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, StorageError
 from ..locks import FileLock, OwnerLocks, SharedRead, private_dir
 from ..names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
@@ -77,6 +77,7 @@ VG_BINDING = "vg.json"  # in the state directory: the one VG (by uuid) it belong
 # a temporary disk without an owner file is another state directory's or host's writer's, or
 # nobody's: it is removed only once it has been seen for this long (a day outlasts uploads)
 STRAY_AGE = 86400.0
+TIMED_OUT = 2 * 3600.0  # a copy the client timed out on (after 60 min) is removed after this
 
 assert MAX_DISK_NAME <= pvm_const.MaxLen.VDISK_NAME  # names.py keeps names within PowerVM's
 
@@ -195,6 +196,7 @@ class PowerVMPartialDisk(PartialDisk):
             t = self._vg.target_sync()
             gb = math.ceil(self.size / GB)
             with self._vg.changing(pypowervm_locks=True):
+                self._vg.check_room(self._vg._read_vg(), self.name, gb)  # no other change since
                 vdisk = pvm_stg.crt_vdisk(t.adapter, t.vios_uuid, t.vg_uuid, self.name, gb)
             try:
                 vio_file = pvm_vf.File.bld(
@@ -327,6 +329,7 @@ class PowerVMVG(VolumeGroup):
         self.owners = OwnerLocks(private_dir(state_dir / "owners"))
         self._files = private_dir(state_dir / "files")  # uploads' Files left on the server
         self._strays = private_dir(state_dir / "strays")  # temporaries without an owner file
+        self._timed_out = private_dir(state_dir / "timed_out")  # copies the client gave up on
         self._claims = None if claims_dir is None else private_dir(claims_dir)
 
     # -- plumbing -----------------------------------------------------------------------
@@ -402,6 +405,15 @@ class PowerVMVG(VolumeGroup):
                     yield
         finally:
             lock.release()
+
+    def check_room(self, vg_w: Any, name: str, gb: int) -> None:
+        """Refuse a disk of ``gb`` GB that the VG (as read under the change lock) cannot hold:
+        ``InsufficientSpace``, not the VIOS's error after the fact."""
+        free = VGState.of(vg_w).capacity.free
+        if gb * GB > free:
+            raise InsufficientSpace(
+                f"disk {name} needs {gb} GB but the volume group has {free // GB} GB free"
+            )
 
     def remove_file(self, vio_file: Any) -> None:
         """Remove an upload's File (a VIOS keeps 100); one that cannot be removed now is
@@ -480,6 +492,24 @@ class PowerVMVG(VolumeGroup):
             claim.unlink(missing_ok=True)  # a state directory removed since: claim it anew
         raise StorageError(f"VG {self.spec}: cannot claim {claim}")
 
+    def _remove_timed_out(self) -> list[str]:
+        """Remove the disks of copies that timed out on the client, ``TIMED_OUT`` seconds
+        after: by then the VIOS has ended the copy (pypowervm gives a copy 60 minutes)."""
+        removed = []
+        for record in sorted(self._timed_out.glob("*.json")):
+            try:
+                seen = float(json.loads(record.read_text())["seen"])
+            except (OSError, ValueError, KeyError, TypeError):
+                seen = 0.0
+            if time.time() - seen < TIMED_OUT:
+                continue
+            vg_w = self._read_vg()
+            if self._named(vg_w, record.stem):
+                self.delete_sync(record.stem)
+                removed.append(record.stem)
+            record.unlink(missing_ok=True)
+        return removed
+
     def _remove_left_files(self) -> None:
         target = self.target_sync()
         for left in sorted(self._files.iterdir()):
@@ -555,6 +585,11 @@ class PowerVMVG(VolumeGroup):
         self.check_name(name)
         if size < 1:
             raise InvalidInput(f"partial disk {name}: size {size} is not positive")
+        if math.ceil(size / GB) * GB > (free := (await self.capacity()).free):
+            raise InsufficientSpace(
+                f"partial disk {name} needs {math.ceil(size / GB)} GB but the volume group has "
+                f"{free // GB} GB free"
+            )
         owner = await asyncio.to_thread(self.owners.own, name)
         try:
             if await self.disk_size(name) is not None:
@@ -567,6 +602,11 @@ class PowerVMVG(VolumeGroup):
         partial = PowerVMPartialDisk(self, name, size, label, owner)
         self.live.add(partial)
         return partial
+
+    async def reserves_space(self) -> bool:
+        """True: ``crt_vdisk`` allocates a disk's whole size when the upload starts, so the
+        VG's free space already leaves out every download under way (counted once)."""
+        return True
 
     async def disk_identity(self, name: str) -> DiskIdentity | None:
         self.check_name(name)
@@ -586,11 +626,11 @@ class PowerVMVG(VolumeGroup):
         removed only once this state directory has seen it, same udid, for ``STRAY_AGE``.
         """
         await self._call("removing the Files of failed uploads", self._remove_left_files)
+        removed = await self._call("removing timed-out copies", self._remove_timed_out)
         disks = {d.name: d for d in await self._disks() if is_temporary_name(d.name)}
         names = await self._call("looking at the owners", self._dead_candidates, disks)
         seen = set(names)
         dead = await asyncio.to_thread(self.owners.dead, names, (PARTIAL_PREFIX,))
-        removed = []
         for owner in dead:
             name = OwnerLocks.name_of(owner)
             try:
@@ -689,6 +729,7 @@ class PowerVMVG(VolumeGroup):
                 have = self._sized(src)
                 if size is not None and size < have:
                     raise InvalidInput(f"disk {target}: {size} bytes cannot hold {have}")
+                self.check_room(vg_w, target, math.ceil(max(have, size or 0) / GB))
                 try:
                     new = pvm_stg.crt_copy_vdisk(
                         t.adapter,
@@ -700,6 +741,13 @@ class PowerVMVG(VolumeGroup):
                         d_size=size,
                         file_format=src.file_format,
                     )
+                except pvm_exc.TimeoutError:
+                    # the VIOS may still be copying: removing the disk now could pull it from
+                    # under the copy. It is marked, and removed by a later sweep (TIMED_OUT).
+                    (self._timed_out / f"{target}.json").write_text(
+                        json.dumps({"seen": time.time()})
+                    )
+                    raise
                 except Exception:
                     # a copy the server began under the target name must not pass for complete
                     with contextlib.suppress(Exception):
