@@ -93,6 +93,8 @@ class FakePowerVM:
         self.adpt = adpt
         self._lock = threading.RLock()
         self.vios_feed = pvm_tju.load_file("fake_vios_feed.txt", adpt)
+        self.systems = pvm_tju.load_file("fake_managedsystem.txt", adpt)  # a NovaLink's one
+        self.vg_on_every_vios = False  # our VG's name also on the VIOS's partner
         self.vios_uuid = pvm_vios.VIOS.wrap(self.vios_feed)[0].uuid
         vg_resp = pvm_tju.load_file("upload_volgrp.txt", adpt)
         self.vg_uuid = pvm_stor.VG.wrap(vg_resp).uuid
@@ -222,6 +224,10 @@ class FakePowerVM:
         **_: Any,
     ) -> Any:
         with self._lock:
+            if root_type == "ManagedSystem" and root_id is None:
+                return self.systems
+            if root_type == "ManagedSystem" and child_type == "VirtualIOServer":
+                return self.vios_feed  # the same VIOSes under every system
             if root_type == "VirtualIOServer" and child_type is None and root_id is None:
                 if suffix_type == "search" and suffix_parm:
                     m = re.fullmatch(r"\((\w+)=='(.+)'\)", suffix_parm)
@@ -234,7 +240,7 @@ class FakePowerVM:
             if root_type == "VirtualIOServer" and child_type == "VolumeGroup":
                 if root_id != self.vios_uuid:
                     if child_id is None:
-                        return self._resp(feed=[])
+                        return self._resp(feed=[self._vg_copy()] if self.vg_on_every_vios else [])
                     raise self._error(404)
                 if child_id is None:
                     return self._resp(feed=[self._vg_copy(), copy.deepcopy(self.other_vg.entry)])
@@ -736,6 +742,27 @@ async def test_recorded_disks_are_listed_with_their_gb_size(vg: PowerVMVG) -> No
     disks = await vg.list_disks()
     assert [(d.name, d.size) for d in disks] == [("test", 1 << 30)]
     assert await vg.disk_size("absent") is None
+
+
+async def test_the_managed_system_and_the_vios_must_be_named_where_there_are_several(
+    pvm: FakePowerVM, tmp_path: Path
+) -> None:
+    pvm.systems = pvm_tju.load_file("managedsystem.txt", pvm.adpt)  # an HMC managing three
+
+    def opened(**names: str) -> PowerVMVG:
+        return PowerVMVG(lambda: pvm.adpt, VG_NAME, state_dir=tmp_path / "s", **names)
+
+    with pytest.raises(InvalidInput, match=r"manages 3 systems .*HV4.*name one .system=."):
+        await opened().list_disks()
+    assert [d.name for d in await opened(system_name="HV4").list_disks()] == ["test"]
+    with pytest.raises(StorageError, match="no managed system HV5"):
+        await opened(system_name="HV5").list_disks()
+
+    pvm.vg_on_every_vios = True  # a VG of that name on both VIOSes of HV4
+    with pytest.raises(InvalidInput, match="on VIOSes nimbus-ch03-p2-vios1, nimbus-ch03-p2-vios2"):
+        await opened(system_name="HV4").list_disks()
+    named = opened(system_name="HV4", vios_name="nimbus-ch03-p2-vios2")
+    assert [d.name for d in await named.list_disks()] == ["test"]
 
 
 async def test_vios_name_selects_the_vios(pvm: FakePowerVM, tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from ..errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, St
 from ..locks import FileLock, OwnerLocks, SharedRead, private_dir
 from ..names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
-from .checks import cause, check_disk_name, storage_error
+from .checks import check_disk_name, storage_error
 from .powervm_spec import DEFAULT_BUFFER, connect, parse_spec
 from .powervm_stream import StreamBuffer
 
@@ -59,6 +59,7 @@ with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on s
     from pypowervm import exceptions as pvm_exc
     from pypowervm.helpers import vios_busy
     from pypowervm.tasks import storage as pvm_stg
+    from pypowervm.wrappers import managed_system as pvm_ms
     from pypowervm.wrappers import storage as pvm_stor
     from pypowervm.wrappers import vios_file as pvm_vf
     from pypowervm.wrappers import virtual_io_server as pvm_vios
@@ -100,6 +101,7 @@ def open_powervm_vg(rest: str) -> PowerVMVG:
         lambda: connect(spec),
         spec.vg,
         vios_name=spec.vios,
+        system_name=spec.system,
         state_dir=spec.state_dir or spec.default_state_dir(),
         spec=spec.text(),
         buffer_bytes=spec.buffer_bytes,
@@ -296,12 +298,14 @@ class PowerVMVG(VolumeGroup):
         *,
         state_dir: Path,
         vios_name: str | None = None,
+        system_name: str | None = None,
         spec: str | None = None,
         buffer_bytes: int = DEFAULT_BUFFER,
         claims_dir: Path | None = None,
     ) -> None:
         self.vg_name = vg_name
         self.vios_name = vios_name
+        self.system_name = system_name
         self.spec = spec or f"powervm:vg={vg_name}" + (f",vios={vios_name}" if vios_name else "")
         self.state_dir = state_dir
         self.buffer_bytes = buffer_bytes
@@ -350,10 +354,7 @@ class PowerVMVG(VolumeGroup):
         with self._target_lock:
             if self._target is None:
                 adapter = self._adapter_factory()
-                try:
-                    vios_w, vg_w = pvm_stg.find_vg(adapter, self.vg_name, vios_name=self.vios_name)
-                except (pvm_exc.VGNotFound, pvm_exc.VIOSNotFound) as exc:
-                    raise StorageError(f"VG {self.spec}: {cause(exc)}") from None
+                vios_w, vg_w = self._find(adapter)
                 self._bind(vios_w, vg_w)
                 self._target = _Target(adapter, vios_w.uuid, vg_w.uuid)
             return self._target
@@ -449,6 +450,43 @@ class PowerVMVG(VolumeGroup):
             if record.stem not in disks:
                 record.unlink(missing_ok=True)
         return owned + old
+
+    def _find(self, adapter: Any) -> tuple[Any, Any]:
+        """The VIOS and the VG the spec names, and only it: pypowervm's ``find_vg`` takes the
+        first VG of that name on any VIOS of any managed system of an HMC. Here the managed
+        system must be named (``system=``) where there are several, and a VG name found on
+        more than one VIOS needs ``vios=``."""
+        systems = pvm_ms.System.get(adapter)
+        if self.system_name is not None:
+            systems = [m for m in systems if m.system_name == self.system_name]
+            if not systems:
+                raise StorageError(f"VG {self.spec}: no managed system {self.system_name}")
+        elif len(systems) > 1:
+            names = ", ".join(sorted(m.system_name for m in systems))
+            raise InvalidInput(
+                f"VG {self.spec}: the REST server manages {len(systems)} systems ({names}); "
+                "name one (system=)"
+            )
+        vioses = pvm_vios.VIOS.get(adapter, parent=systems[0])
+        if self.vios_name is not None:
+            vioses = [v for v in vioses if v.name == self.vios_name]
+            if not vioses:
+                raise StorageError(f"VG {self.spec}: no VIOS {self.vios_name}")
+        hits = [
+            (v, g)
+            for v in vioses
+            for g in pvm_stor.VG.get(adapter, parent=v)
+            if g.name == self.vg_name
+        ]
+        if not hits:
+            raise StorageError(f"VG {self.spec}: no volume group {self.vg_name}")
+        if len(hits) > 1:
+            names = ", ".join(sorted(v.name for v, _ in hits))
+            raise InvalidInput(
+                f"VG {self.spec}: a volume group {self.vg_name} is on VIOSes {names}; "
+                "name one (vios=)"
+            )
+        return hits[0]
 
     def _bind(self, vios_w: Any, vg_w: Any) -> None:
         """Tie the state directory to the VG it serves (by uuid), and the VG to one state

@@ -36,6 +36,7 @@ _SPEC_KEYS = {
     "certpath",
     "vg",
     "vios",
+    "system",
     "state_dir",
     "buffer_mb",
     "conn_tries",
@@ -54,6 +55,7 @@ class PowerVMSpec:
     password_env: str = PASSWORD_ENV
     certpath: str | None = None
     vios: str | None = None
+    system: str | None = None  # the managed system, where the REST server (an HMC) has several
     state_dir: Path | None = None
     buffer_bytes: int = DEFAULT_BUFFER
     conn_tries: int = 1
@@ -61,17 +63,17 @@ class PowerVMSpec:
     def text(self) -> str:
         """The spec as it would be written, for messages and ``VolumeGroup.spec``."""
         parts = [f"vg={self.vg}"]
-        for key in ("host", "port", "protocol", "user", "vios", "state_dir", "certpath"):
+        for key in ("host", "port", "protocol", "user", "system", "vios", "state_dir", "certpath"):
             value = getattr(self, key)
             if value is not None:
                 parts.append(f"{key}={value}")
         return "powervm:" + ",".join(parts)
 
     def default_state_dir(self) -> Path:
-        """Per user, keyed by host and VG name (not by ``vios``, so that naming the VIOS or
-        not gives one directory): the index and locks of this VG. Which VG a directory
-        serves is bound on first use (the VG's uuid), so two VGs never share one."""
-        key = f"{self.host or 'local'}_{self.vg}"
+        """Per user, keyed by host, managed system (if named) and VG name, not by ``vios``
+        (naming the VIOS or not gives one directory): the index and locks of this VG. Which
+        VG a directory serves is bound on first use (its uuid): two VGs never share one."""
+        key = "_".join(p for p in (self.host or "local", self.system, self.vg) if p)
         return _base() / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
 
     def claims_dir(self) -> Path:
@@ -126,6 +128,7 @@ def parse_spec(rest: str) -> PowerVMSpec:
         password_env=values.get("password_env", PASSWORD_ENV),
         certpath=values.get("certpath"),
         vios=values.get("vios"),
+        system=values.get("system"),
         state_dir=Path(values["state_dir"]).expanduser() if "state_dir" in values else None,
         buffer_bytes=number("buffer_mb", DEFAULT_BUFFER >> 20, 1) << 20,
         conn_tries=number("conn_tries", 1, 1),
