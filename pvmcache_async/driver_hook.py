@@ -263,7 +263,8 @@ class DriverHook:
             if not self._direct_swept:  # once: what deploys killed mid-way left (owners dead)
                 self._direct_swept = True
                 await vg.remove_dead_temporaries()
-            disk, _ = await direct.stream_disk(glance, vg, image_id, instance.uuid)
+            size = root_disk_size(instance)
+            disk, _ = await direct.stream_disk(glance, vg, image_id, instance.uuid, size)
             return disk
 
         return self._on_loop(stream, context)

@@ -36,10 +36,10 @@ from .aio import complete_or_undo, finish
 from .errors import (
     CacheError,
     DiskExists,
-    DiskTooSmall,
     InsufficientSpace,
     InvalidInput,
     StorageError,
+    check_disk_fits,
 )
 from .glance import GlanceClient
 from .image_locks import ImageLocks
@@ -238,7 +238,7 @@ class ImageCache:
             entry = await self._ready(image_id)
             if entry is None:
                 return None
-            _check_fits(image_id, entry.size, size)
+            check_disk_fits(image_id, entry.size, size)
             # a cancelled deploy leaves no disk: the clone (a thread) ends, then is undone
             await complete_or_undo(
                 self._clone_and_record(image_id, entry.cache_disk, disk, size),
@@ -257,7 +257,7 @@ class ImageCache:
     ) -> None:
         try:
             if size is not None and (entry := await self._db(self._index.get, image_id)):
-                _check_fits(image_id, entry.size, size)
+                check_disk_fits(image_id, entry.size, size)
             # a cancelled deploy leaves no disk: the publish (threads) ends, then is undone
             await complete_or_undo(copy.publish(disk, size), lambda: self.vg.delete(disk))
         except BaseException:
@@ -487,17 +487,6 @@ class ImageCache:
         await self._db(self._index.rebuilt)
         if adopted:
             log.warning("cache index rebuilt from the disks: %s", " ".join(adopted))
-
-
-def _check_fits(image_id: str, image_size: int, size: int | None) -> None:
-    """Refuse an instance disk of ``size`` bytes that cannot hold the image."""
-    if size is not None and size < image_size:
-        raise DiskTooSmall(
-            f"an instance disk of {size} bytes cannot hold the image's {image_size} bytes",
-            image_id=image_id,
-            disk_size=size,
-            image_size=image_size,
-        )
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pvmcache_async.storage.base import DiskIdentity, PartialDisk
 from pvmcache_async.storage.filevg import FileVG
+from pvmcache_async.storm.images import zeros_from
 
 
 def disk_image(size: int, seed: int = 0) -> bytes:
@@ -26,25 +27,11 @@ def disk_image(size: int, seed: int = 0) -> bytes:
 
 
 def holds(path: Path, data: bytes, size: int) -> bool:
-    """Whether disk file ``path`` is ``size`` bytes: ``data``, then zeros only (reading just
-    the data extents past ``data``, so a sparse 1 GiB root disk is checked in a moment)."""
+    """Whether disk file ``path`` is ``size`` bytes: ``data``, then zeros only."""
     with path.open("rb") as f:
         if os.fstat(f.fileno()).st_size != size or f.read(len(data)) != data:
             return False
-        pos = len(data)
-        while pos < size:
-            try:
-                pos = os.lseek(f.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: nothing but a hole from here to the end
-                return True
-            end = min(size, os.lseek(f.fileno(), pos, os.SEEK_HOLE))
-            f.seek(pos)
-            while pos < end:
-                piece = f.read(min(1 << 20, end - pos))
-                if piece.count(0) != len(piece):
-                    return False
-                pos += len(piece)
-    return True
+    return zeros_from(path, len(data))
 
 
 def vg_files(root: Path) -> list[str]:

@@ -50,6 +50,7 @@ from pvmcache_async import (
     Outcome,
 )
 from pvmcache_async.devglance import GlanceServer
+from pvmcache_async.direct import stream_disk
 from pvmcache_async.errors import DiskExists, StorageError
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.names import (
@@ -488,6 +489,22 @@ async def test_a_deploy_of_a_size_copies_into_a_disk_of_that_many_gb(
     assert pvm.disk(plain.disk).capacity == 1 and pvm.disk(deployed.cache_disk).capacity == 1
     assert await cache.vg.disk_size(plain.disk) == len(data)
     assert pvm.content(deployed.disk) == data
+
+
+async def test_a_disk_streamed_without_the_cache_is_grown_to_its_size_as_it_is_renamed(
+    vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
+) -> None:
+    data = disk_image(MiB, seed=48)
+    image = glance_server.create_image(data)
+    glance = GlanceClient(glance_server.url)
+    try:
+        disk, _ = await stream_disk(glance, vg, image, str(uuid.uuid4()), 2 << 30)
+    finally:
+        await glance.close()
+
+    assert pvm.disk(disk).capacity == 2  # grown in the update that renamed it
+    assert await vg.disk_size(disk) == 2 << 30 and pvm.content(disk) == data
+    assert [c[0] for c in pvm.ops()] == ["create", "upload", "rename"]
 
 
 async def test_concurrent_deploys_download_once_and_copy_each(

@@ -255,8 +255,8 @@ class PowerVMPartialDisk(PartialDisk):
     async def publish(self, final_name: str, size: int | None = None) -> None:
         if self._closed:
             raise StorageError(f"partial disk {self.name} is already closed")
-        if size not in (None, self.size):  # create_copy offers no tee: only cache disks here
-            raise InvalidInput(f"partial disk {self.name} is published at its own size")
+        if size is not None and size < self.size:
+            raise InvalidInput(f"disk {final_name}: {size} bytes cannot hold {self.size}")
         self._vg.check_name(final_name)
         written = self._buffer.bytes_written if self._buffer is not None else 0
         if self._buffer is None or self._upload is None or written != self.size:
@@ -271,7 +271,8 @@ class PowerVMPartialDisk(PartialDisk):
         except BaseException as exc:
             raise storage_error(f"uploading {self.name} to PowerVM", exc) from exc
         self._upload = None
-        await self._vg.rename(vdisk.udid, self.name, final_name, self._label, self.size)
+        final_size = self.size if size is None else size
+        await self._vg.rename(vdisk.udid, self.name, final_name, self._label, final_size)
         self._closed = True
         self._vg.release_upload_slot(self)
         OwnerLocks.disown(self._owner)
@@ -697,15 +698,21 @@ class PowerVMVG(VolumeGroup):
     async def rename(
         self, udid: str, name: str, final_name: str, label: str | None, size: int
     ) -> None:
-        """Rename disk ``udid`` (now ``name``) to ``final_name``; retry on etag mismatch.
+        """Rename disk ``udid`` (now ``name``) to ``final_name`` of ``size`` bytes (grown to
+        that many whole GB if it is smaller, in the same update); retry on etag mismatch.
 
         The rename is proven, not assumed: the VG that the update returned (and, if that
         disagrees, a fresh read) must show the disk of ``udid`` under ``final_name``. A VIOS
         that ignores the rename leaves the disk under its partial name, which the caller
         then removes: an unverified disk never appears under a cache disk's name."""
 
+        gb = math.ceil(size / GB)  # a disk published larger than its upload grows with it
+
         def renamed(vg_w: Any) -> bool:
-            return any(d.udid == udid and _disk_name(d) == final_name for d in vg_w.virtual_disks)
+            return any(
+                d.udid == udid and _disk_name(d) == final_name and (d.capacity or 0) >= gb
+                for d in vg_w.virtual_disks
+            )
 
         def rename() -> None:
             with self.changing():
@@ -716,6 +723,9 @@ class PowerVMVG(VolumeGroup):
                     if disk is None:
                         raise StorageError(f"disk {name} (udid {udid}) vanished before its rename")
                     disk.name = final_name
+                    if (have := math.ceil(disk.capacity or 0)) < gb:
+                        self.check_room(vg_w, final_name, gb - have)
+                        disk.capacity = gb  # as nova-powervm's extend_disk grows a disk
                     if label is not None:
                         disk._label(label)  # a second record of the image id, beside the index
                     try:
