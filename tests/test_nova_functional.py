@@ -65,11 +65,14 @@ class _NovaWithCache(integrated_helpers._IntegratedTestBase):  # type: ignore[mi
         self._vg = self._tmp / "vg"
         self.flags(
             enabled=self.CACHE_ENABLED,
-            volume_group=f"file:{self._vg}",
+            volume_group=self._vg_spec(),
             glance_url=self._real_glance.url,  # GlanceFixture's [glance] api_servers is a dummy
             group=pvm_conf.GROUP,
         )
         super()._setup_services()
+
+    def _vg_spec(self) -> str:
+        return f"file:{self._vg}"
 
     def _clear_attrs(self) -> None:
         # nova deletes the test's attributes after it; pytest deletes the test method it set
@@ -287,3 +290,38 @@ class TestServersWithoutTheCache(_NovaWithCache):
         message = server["fault"]["message"]
         assert "aborted" in message and image_id in message and "not found in Glance" in message
         assert self._instance_disks() == []
+
+
+class TestServersOnPowerVM(_NovaWithCache):
+    """The same nova, its compute's VG a PowerVM VG: pypowervm's AdapterFx with the fake VIOS
+    of test_powervm.py behind it (the local NovaLink spelling: no host, no password)."""
+
+    def _vg_spec(self) -> str:
+        pytest.importorskip("pypowervm")
+        import fixtures
+        from pypowervm.tests import test_fixtures as pvm_fx
+
+        from .test_powervm import VG_NAME, FakePowerVM
+
+        self.useFixture(fixtures.EnvironmentVariable("XDG_STATE_HOME", str(self._tmp / "xdg")))
+        adapter = self.useFixture(pvm_fx.AdapterFx(traits=pvm_fx.LocalPVMTraits))
+        self.pvm = FakePowerVM(adapter.adpt)
+        return f"powervm:vg={VG_NAME},state_dir={self._tmp / 'state'}"
+
+    def test_a_server_s_root_disk_is_a_copy_of_its_flavor_s_size(self) -> None:
+        data = disk_image(4 * MiB, seed=380)
+        image_id = self._image(data)
+        disk2, disk0 = self._flavor(2), self._flavor(0)
+
+        sized = self._boot(image_id, flavor=disk2)
+        as_image = self._boot(image_id, flavor=disk0)
+
+        b_sized, b_image = (instance_disk_name(s["id"]) for s in (sized, as_image))
+        assert self.pvm.disk(b_sized).capacity == 2  # crt_copy_vdisk's d_size: the flavor's GB
+        assert self.pvm.disk(b_image).capacity == 1  # the image's 4 MiB, in whole GB
+        assert self.pvm.content(b_sized) == self.pvm.content(b_image) == data
+        (cache_disk,) = [n for n in self.pvm.names() if n.startswith("i_")]
+        assert self.pvm.disk(cache_disk).capacity == 1
+        assert self._real_glance.file_requests(image_id) == 1
+        self._delete_server(sized)
+        assert b_sized not in self.pvm.names() and b_image in self.pvm.names()
