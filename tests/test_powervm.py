@@ -879,16 +879,25 @@ async def test_the_adapter_has_nova_powervm_s_helpers_and_a_busy_vios_is_asked_a
     assert pvm.content(deployed.disk) == data
 
 
-async def test_a_vios_that_ignores_renames_publishes_nothing(
-    cache: ImageCache, pvm: FakePowerVM, glance_server: GlanceServer
+async def test_a_vios_that_ignores_renames_gets_a_copy_of_the_verified_disk_instead(
+    cache: ImageCache, vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
 ) -> None:
     pvm.ignore_renames = True
-    image = glance_server.create_image(disk_image(MiB, seed=72))
+    data = disk_image(MiB, seed=72)
+    image = glance_server.create_image(data)
 
-    with pytest.raises(StorageError, match="did not rename"):
-        await cache.ensure(image)
+    ensured = await cache.ensure(image)  # the rename "succeeded", and was not done
 
-    assert _leftovers(pvm) == [] and await cache.entries() == []
+    partial = pvm.ops()[0][1]
+    assert [c for c in pvm.ops() if c[0] != "upload"] == [
+        ("create", partial),
+        ("copy", partial, ensured.cache_disk),
+        ("delete", partial),
+    ]
+    assert _leftovers(pvm) == [ensured.cache_disk] and pvm.content(ensured.cache_disk) == data
+    assert await vg.disk_identity(ensured.cache_disk) == DiskIdentity(image, len(data))
+    deployed = await cache.deploy(image, str(uuid.uuid4()))
+    assert deployed.outcome is Outcome.HIT and pvm.content(deployed.disk) == data
 
 
 @pytest.mark.parametrize("which", ["cache disk", "instance disk"])

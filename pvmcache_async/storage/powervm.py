@@ -702,9 +702,9 @@ class PowerVMVG(VolumeGroup):
         that many whole GB if it is smaller, in the same update); retry on etag mismatch.
 
         The rename is proven, not assumed: the VG that the update returned (and, if that
-        disagrees, a fresh read) must show the disk of ``udid`` under ``final_name``. A VIOS
-        that ignores the rename leaves the disk under its partial name, which the caller
-        then removes: an unverified disk never appears under a cache disk's name."""
+        disagrees, a fresh read) must show the disk of ``udid`` under ``final_name``. Where
+        the VIOS ignores the rename, the verified disk is published by a server-side copy
+        into ``final_name`` instead (``_publish_by_copy``), and the partial removed."""
 
         gb = math.ceil(size / GB)  # a disk published larger than its upload grows with it
 
@@ -714,7 +714,7 @@ class PowerVMVG(VolumeGroup):
                 for d in vg_w.virtual_disks
             )
 
-        def rename() -> None:
+        def rename() -> bool:
             with self.changing():
                 for _ in range(RENAME_TRIES):
                     vg_w = self._read_vg()
@@ -736,17 +736,54 @@ class PowerVMVG(VolumeGroup):
                             continue  # the VG changed under us: read it again
                         raise
                     if not (renamed(after) or renamed(self._read_vg())):
-                        raise StorageError(
-                            f"the VIOS did not rename {name} to {final_name} (it answered with "
-                            "the old name); the disk is not published"
+                        log.warning(
+                            "the VIOS did not rename %s to %s; publishing a copy of it instead",
+                            name,
+                            final_name,
                         )
+                        return False
                     self._record(final_name, udid, size)
-                    return
+                    return True
             raise StorageError(
                 f"renaming {name} to {final_name}: the VG kept changing ({RENAME_TRIES} tries)"
             )
 
-        await self._call(f"publishing {name} as {final_name}", rename)
+        if not await self._call(f"publishing {name} as {final_name}", rename):
+            await self._call(
+                f"publishing {name} as {final_name} (a copy: the VIOS ignored the rename)",
+                self._publish_by_copy,
+                udid,
+                name,
+                final_name,
+                label,
+                size,
+            )
+
+    def _publish_by_copy(
+        self, udid: str, name: str, final_name: str, label: str | None, size: int
+    ) -> None:
+        """Publish the verified disk ``udid`` (``name``) as a server-side copy into
+        ``final_name``, then remove it. The copy is trusted only once it is complete: its size
+        record (what ``disk_size`` reports exactly) and its label are written after the copy
+        returned, and a disk under a cache disk's name without them is not handed out."""
+        with self.changing(pypowervm_locks=True):
+            vg_w = self._read_vg()
+            found = [d for d in vg_w.virtual_disks if d.udid == udid]
+            if not found:
+                raise StorageError(f"disk {name} (udid {udid}) vanished before it was published")
+            new = self._copy_sync(vg_w, VDiskState.of(found[0]), size, final_name, size)
+        if label is not None:
+            with self.changing():
+                vg_w = self._read_vg()
+                for d in vg_w.virtual_disks:
+                    if d.udid == new.udid:
+                        d._label(label)
+                try:
+                    vg_w.update()
+                except pvm_exc.Error as exc:  # the index still knows the image; only a rebuild
+                    log.warning("no label on %s (%s): a lost index would not find it", name, exc)
+        self._record(final_name, new.udid, size)
+        self.delete_sync(name, udid)
 
     async def clone(self, source: str, target: str, size: int | None = None) -> None:
         """A server-side copy (``crt_copy_vdisk``) of ``source`` into a new disk ``target``
@@ -765,48 +802,53 @@ class PowerVMVG(VolumeGroup):
             raise StorageError(f"cloning {source} to {target}: there is no disk {source}")
 
         def clone() -> None:
-            t = self.target_sync()
             with self.changing(pypowervm_locks=True):
                 vg_w = self._read_vg()
-                self._check_free_sync(vg_w, target)
                 found = self._named(vg_w, source)
                 if not found:
                     raise StorageError(f"cloning {source} to {target}: there is no disk {source}")
                 src = VDiskState.of(found[0])
-                before = {d.udid for d in vg_w.virtual_disks}
                 have = self._sized(src)
                 if size is not None and size < have:
                     raise InvalidInput(f"disk {target}: {size} bytes cannot hold {have}")
-                self.check_room(vg_w, target, math.ceil(max(have, size or 0) / GB))
-                try:
-                    new = pvm_stg.crt_copy_vdisk(
-                        t.adapter,
-                        t.vios_uuid,
-                        t.vg_uuid,
-                        src.udid,
-                        have,
-                        target,
-                        d_size=size,
-                        file_format=src.file_format,
-                    )
-                except pvm_exc.TimeoutError:
-                    # the VIOS may still be copying: removing the disk now could pull it from
-                    # under the copy. It is marked, and removed by a later sweep (TIMED_OUT).
-                    (self._timed_out / f"{target}.json").write_text(
-                        json.dumps({"seen": time.time()})
-                    )
-                    raise
-                except Exception:
-                    # a copy the server began under the target name must not pass for complete
-                    with contextlib.suppress(Exception):
-                        vg_now = self._read_vg()
-                        partial = [d for d in self._named(vg_now, target) if d.udid not in before]
-                        if partial:
-                            pvm_stg.rm_vg_storage(vg_now, vdisks=partial)
-                    raise
-                self._record(target, new.udid, have if size is None else size)
+                new = self._copy_sync(vg_w, src, have, target, size)
+            self._record(target, new.udid, have if size is None else size)
 
         await self._call(f"cloning {source} to {target}", clone)
+
+    def _copy_sync(
+        self, vg_w: Any, src: VDiskState, have: int, target: str, size: int | None
+    ) -> Any:
+        """``crt_copy_vdisk`` of ``src`` (``have`` bytes) into ``target`` of ``size`` bytes,
+        in the VG as read under the change lock (``changing(pypowervm_locks=True)``, held)."""
+        t = self.target_sync()
+        self._check_free_sync(vg_w, target)
+        self.check_room(vg_w, target, math.ceil(max(have, size or 0) / GB))
+        before = {d.udid for d in vg_w.virtual_disks}
+        try:
+            return pvm_stg.crt_copy_vdisk(
+                t.adapter,
+                t.vios_uuid,
+                t.vg_uuid,
+                src.udid,
+                have,
+                target,
+                d_size=size,
+                file_format=src.file_format,
+            )
+        except pvm_exc.TimeoutError:
+            # the VIOS may still be copying: removing the disk now could pull it from under
+            # the copy. It is marked, and removed by a later sweep (TIMED_OUT).
+            (self._timed_out / f"{target}.json").write_text(json.dumps({"seen": time.time()}))
+            raise
+        except Exception:
+            # a copy the server began under the target name must not pass for complete
+            with contextlib.suppress(Exception):
+                vg_now = self._read_vg()
+                partial = [d for d in self._named(vg_now, target) if d.udid not in before]
+                if partial:
+                    pvm_stg.rm_vg_storage(vg_now, vdisks=partial)
+            raise
 
     async def delete(self, name: str) -> None:
         self.check_name(name)
