@@ -121,6 +121,7 @@ class FakePowerVM:
         self.copy_held = threading.Event()  # set once a copy waits for hold_copy
         self.copies_running = self.max_copies_running = 0
         self.ignore_renames = False
+        self.refuse_renames = False  # a VG update that renames a disk is answered 400
         self.copy_times_out = False  # the client's wait ends; the VIOS makes the disk anyway
         self.free_gb = 1045  # upload_volgrp.txt's; each disk made takes its whole GB
         self.file_delete_fails = 0  # the next N File removals fail
@@ -275,6 +276,10 @@ class FakePowerVM:
         with self._lock:
             new = pvm_stor.VG.wrap(copy.deepcopy(data.entry))
             old = {d.udid: d for d in self._vg().virtual_disks}
+            if self.refuse_renames and any(
+                d.udid in old and old[d.udid].name != d.name for d in new.virtual_disks
+            ):
+                raise self._error(400, path)
             if self.ignore_renames:
                 for d in new.virtual_disks:
                     if d.udid in old:
@@ -879,10 +884,11 @@ async def test_the_adapter_has_nova_powervm_s_helpers_and_a_busy_vios_is_asked_a
     assert pvm.content(deployed.disk) == data
 
 
+@pytest.mark.parametrize("how", ["ignores", "refuses"])
 async def test_a_vios_that_ignores_renames_gets_a_copy_of_the_verified_disk_instead(
-    cache: ImageCache, vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer
+    cache: ImageCache, vg: PowerVMVG, pvm: FakePowerVM, glance_server: GlanceServer, how: str
 ) -> None:
-    pvm.ignore_renames = True
+    pvm.ignore_renames, pvm.refuse_renames = how == "ignores", how == "refuses"
     data = disk_image(MiB, seed=72)
     image = glance_server.create_image(data)
 

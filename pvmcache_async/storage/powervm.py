@@ -48,7 +48,7 @@ from ..errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, St
 from ..locks import FileLock, OwnerLocks, SharedRead, private_dir
 from ..names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
-from .checks import check_disk_name, storage_error
+from .checks import cause, check_disk_name, storage_error
 from .powervm_spec import DEFAULT_BUFFER, connect, parse_spec
 from .powervm_stream import StreamBuffer
 
@@ -70,6 +70,7 @@ T = TypeVar("T")
 GB = 1 << 30  # pypowervm's sizes are in GB (GiB: util.convert_bytes_to_gb divides by 1024**3)
 MAX_UPLOADS = 3  # pypowervm's own cap (tasks.storage._UPLOAD_SEM); more would only queue
 RENAME_TRIES = 10
+HTTP_BAD_REQUEST = 400  # not in pypowervm's const.HTTPStatus
 # pypowervm's process-wide lock of VG updates (tasks.storage._LOCK_VOL_GRP): crt_vdisk and
 # rm_vg_storage hold it; oslo's internal lock of one name is one lock in the process
 VOL_GRP_LOCK = "vol_grp_lock"
@@ -86,12 +87,14 @@ assert MAX_DISK_NAME <= pvm_const.MaxLen.VDISK_NAME  # names.py keeps names with
 # -- errors and the spec -----------------------------------------------------------------
 
 
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of a pypowervm error, if it has one."""
+    status = getattr(getattr(exc, "response", None), "status", None)
+    return status if isinstance(exc, pvm_exc.HttpError) and isinstance(status, int) else None
+
+
 def _is_etag_mismatch(exc: BaseException) -> bool:
-    resp = getattr(exc, "response", None)
-    return (
-        isinstance(exc, pvm_exc.HttpError)
-        and getattr(resp, "status", None) == pvm_const.HTTPStatus.ETAG_MISMATCH
-    )
+    return _status(exc) == pvm_const.HTTPStatus.ETAG_MISMATCH
 
 
 def open_powervm_vg(rest: str) -> PowerVMVG:
@@ -703,8 +706,9 @@ class PowerVMVG(VolumeGroup):
 
         The rename is proven, not assumed: the VG that the update returned (and, if that
         disagrees, a fresh read) must show the disk of ``udid`` under ``final_name``. Where
-        the VIOS ignores the rename, the verified disk is published by a server-side copy
-        into ``final_name`` instead (``_publish_by_copy``), and the partial removed."""
+        the VIOS ignores the rename, or refuses it (HTTP 400), the verified disk is published
+        by a server-side copy into ``final_name`` instead (``_publish_by_copy``), and the
+        partial removed."""
 
         gb = math.ceil(size / GB)  # a disk published larger than its upload grows with it
 
@@ -734,6 +738,14 @@ class PowerVMVG(VolumeGroup):
                         if _is_etag_mismatch(exc):
                             log.debug("etag mismatch renaming %s to %s; retrying", name, final_name)
                             continue  # the VG changed under us: read it again
+                        if _status(exc) == HTTP_BAD_REQUEST:  # refused as such
+                            log.warning(
+                                "the VIOS refused to rename %s to %s (%s); publishing a copy",
+                                name,
+                                final_name,
+                                cause(exc),
+                            )
+                            return False
                         raise
                     if not (renamed(after) or renamed(self._read_vg())):
                         log.warning(
