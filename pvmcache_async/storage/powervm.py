@@ -71,6 +71,7 @@ GB = 1 << 30  # pypowervm's sizes are in GB (GiB: util.convert_bytes_to_gb divid
 MAX_UPLOADS = 3  # pypowervm's own cap (tasks.storage._UPLOAD_SEM); more would only queue
 RENAME_TRIES = 10
 HTTP_BAD_REQUEST = 400  # not in pypowervm's const.HTTPStatus
+ETAG_MISMATCH: int = pvm_const.HTTPStatus.ETAG_MISMATCH  # 412
 # pypowervm's process-wide lock of VG updates (tasks.storage._LOCK_VOL_GRP): crt_vdisk and
 # rm_vg_storage hold it; oslo's internal lock of one name is one lock in the process
 VOL_GRP_LOCK = "vol_grp_lock"
@@ -94,7 +95,7 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _is_etag_mismatch(exc: BaseException) -> bool:
-    return _status(exc) == pvm_const.HTTPStatus.ETAG_MISMATCH
+    return _status(exc) == ETAG_MISMATCH
 
 
 def open_powervm_vg(rest: str) -> PowerVMVG:
