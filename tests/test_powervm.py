@@ -926,6 +926,20 @@ async def test_a_name_taken_in_another_vg_of_the_vios_is_refused(
     assert [n for n in _leftovers(pvm) if not n.startswith("i_")] == []
 
 
+async def test_stale_etags_on_a_delete_and_a_growth_are_read_again_and_retried(
+    vg: PowerVMVG, pvm: FakePowerVM
+) -> None:
+    partial = await vg.create_partial(partial_disk_name(), 3)
+    await partial.write(b"abc")
+    pvm.stale_puts = 2  # the grow-and-rename meets two changes by another client
+    await partial.publish("b_grown", 2 << 30)
+    pvm.stale_puts = 2  # and so does the delete (pypowervm's rm_vg_storage retries itself)
+    await vg.delete("test")
+
+    assert [c for c in pvm.calls if c[0] == "etag_mismatch"] == [("etag_mismatch",)] * 4
+    assert pvm.names() == ["b_grown"] and pvm.disk("b_grown").capacity == 2
+
+
 async def test_the_label_none_that_vdisk_bld_writes_is_no_identity(
     vg: PowerVMVG, pvm: FakePowerVM
 ) -> None:
