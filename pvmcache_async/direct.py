@@ -13,7 +13,7 @@ is discarded, so nothing unverified is ever visible under the instance's disk na
 from __future__ import annotations
 
 from .aio import finish
-from .errors import DiskExists
+from .errors import DiskExists, check_disk_fits
 from .glance import GlanceClient
 from .names import (
     instance_disk_name,
@@ -25,10 +25,16 @@ from .storage import VolumeGroup
 
 
 async def stream_disk(
-    glance: GlanceClient, vg: VolumeGroup, image_id: str, instance_uuid: str
+    glance: GlanceClient,
+    vg: VolumeGroup,
+    image_id: str,
+    instance_uuid: str,
+    size: int | None = None,
 ) -> tuple[str, int]:
     """Write the instance's disk from the image; return its name and the bytes fetched.
 
+    ``size``: the disk's size in bytes (a flavor's root disk), the image then zeros; None: the
+    image's. Smaller than the image: ``DiskTooSmall``, before anything is written.
     An existing disk of the instance is never replaced (``DiskExists``). A partial that a
     crashed deploy left is its dead writer's: the VG's sweep of dead temporaries removes it.
     """
@@ -38,10 +44,11 @@ async def stream_disk(
     if await vg.disk_size(disk) is not None:
         raise DiskExists(f"instance {instance} already has a disk {disk}", image_id=image_id)
     info = await glance.get_image(image_id)
+    check_disk_fits(image_id, info.size, size)
     partial = await vg.create_partial(partial_disk_name(), info.size)
     try:
         fetched = await glance.download(info, partial)
-        await partial.publish(disk)
+        await partial.publish(disk, size)
     except BaseException:
         await finish(partial.discard())
         raise

@@ -35,6 +35,7 @@ from oslo_config import cfg
 from . import conf as pvm_conf
 from . import direct
 from .errors import (
+    DiskTooSmall,
     GlanceError,
     ImageNotFound,
     ImageUnavailable,
@@ -247,15 +248,17 @@ class DriverHook:
     def create_disk_from_image(
         self, context: Any, instance: Any, image_meta: Any
     ) -> DeployResult | None:
-        """The instance's disk as a clone of the cached image (downloaded at most once)."""
+        """The instance's disk as a clone of the cached image (downloaded at most once), of
+        the flavor's root disk size (``root_disk_size``)."""
         if not self.active:
             return None
         image_id = image_id_of(image_meta)
         uuid = validate_instance_uuid(instance.uuid)
+        size = root_disk_size(instance)
 
         async def create(cache: ImageCache) -> DeployResult:
             async with self._instance_disk(uuid, "create_disk_from_image"):
-                return await cache.deploy(image_id, uuid)
+                return await cache.deploy(image_id, uuid, size=size)
 
         deployed: DeployResult = self._with_cache(create, context, image_id)
         return deployed
@@ -275,8 +278,9 @@ class DriverHook:
             if not self._direct_swept:  # once: what deploys killed mid-way left (owners dead)
                 self._direct_swept = True
                 await vg.remove_dead_temporaries()
+            size = root_disk_size(instance)
             async with self._instance_disk(uuid, "stream_disk_from_glance"):
-                disk, _ = await direct.stream_disk(glance, vg, image_id, uuid)
+                disk, _ = await direct.stream_disk(glance, vg, image_id, uuid, size)
             return disk
 
         return self._on_loop(stream, context, image_id)
@@ -427,15 +431,38 @@ def image_id_of(image_meta: Any) -> str:
     return str(image_meta.id)
 
 
+def root_disk_size(instance: Any) -> int | None:
+    """The instance's root disk in bytes: its flavor's ``root_gb`` GiB, as nova-powervm's
+    ``crt_copy_vdisk(..., flavor.root_gb)`` and libvirt's resize make it; None (the image's
+    size) for ``root_gb`` 0, nova's "as large as the image", or an instance without a flavor."""
+    flavor = instance.flavor if _attr_set(instance, "flavor") else None
+    root_gb = getattr(flavor, "root_gb", None) if flavor is not None else None
+    return int(root_gb) << 30 if root_gb else None
+
+
+def _attr_set(obj: Any, name: str) -> bool:
+    """Whether a nova object has ``name`` loaded (reading an unset one loads it from the db)."""
+    is_set = getattr(obj, "obj_attr_is_set", None)
+    return bool(is_set(name)) if is_set is not None else hasattr(obj, name)
+
+
 @contextlib.contextmanager
 def build_errors(image_meta: Any) -> Iterator[None]:
     """Turn the cache's errors into what nova's build expects of a driver's spawn.
 
     An image that Glance does not have or refuses, or a bad image id, aborts the build (nova's
-    ``ImageUnacceptable``): no other host would do better. Any other failure passes as it is,
-    and nova may reschedule the build. The instance's fault names the image and the cause."""
+    ``ImageUnacceptable``): no other host would do better. A flavor's root disk smaller than
+    the image is nova's own ``FlavorDiskSmallerThanImage`` (the build aborts, as libvirt's).
+    Any other failure passes as it is, and nova may reschedule the build. The instance's
+    fault names the image and the cause."""
     try:
         yield
+    except DiskTooSmall as exc:
+        from nova import exception as nova_exception
+
+        raise nova_exception.FlavorDiskSmallerThanImage(
+            flavor_size=exc.disk_size, image_size=exc.image_size
+        ) from exc
     except (ImageNotFound, ImageUnavailable, InvalidInput) as exc:
         if isinstance(exc, NoGlanceEndpoint):  # this host's settings: another may have one
             raise

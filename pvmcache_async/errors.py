@@ -35,6 +35,27 @@ class InvalidInput(CacheError):
     """An argument was malformed: an image id that is not a uuid, a bad VG spec, ..."""
 
 
+class DiskTooSmall(InvalidInput):
+    """The instance disk asked for (a flavor's root disk) is smaller than its image."""
+
+    def __init__(self, message: str, *, image_id: str | None, disk_size: int, image_size: int):
+        self.disk_size = disk_size
+        self.image_size = image_size
+        super().__init__(message, image_id=image_id)
+
+
+def check_disk_fits(image_id: str, image_size: int, size: int | None) -> None:
+    """Refuse an instance disk of ``size`` bytes (None: the image's) that cannot hold the
+    image: ``DiskTooSmall``."""
+    if size is not None and size < image_size:
+        raise DiskTooSmall(
+            f"an instance disk of {size} bytes cannot hold the image's {image_size} bytes",
+            image_id=image_id,
+            disk_size=size,
+            image_size=image_size,
+        )
+
+
 class NoGlanceEndpoint(InvalidInput):
     """An image is not cached and no Glance endpoint is configured to fetch it from."""
 

@@ -45,6 +45,7 @@ from .errors import (
     InsufficientSpace,
     InvalidInput,
     StorageError,
+    check_disk_fits,
     naming_image,
 )
 from .glance import GlanceClient
@@ -131,7 +132,9 @@ class ImageCache:
         with naming_image(image_id):
             return await self._ensure(image_id, None)
 
-    async def deploy(self, image_id: str, instance_uuid: str) -> DeployResult:
+    async def deploy(
+        self, image_id: str, instance_uuid: str, *, size: int | None = None
+    ) -> DeployResult:
         """Ensure the image, then clone its cache disk into a new disk for the instance.
 
         The instance disk appears only once complete; an existing disk is never replaced.
@@ -139,21 +142,27 @@ class ImageCache:
         another deploy in this process is making the disk of this instance, or of one whose
         uuid begins with the same 13 characters (the disk's name), this one fails at once,
         before anything is downloaded, with DiskExists naming both (``InstanceDisks``).
+
+        ``size``: the instance disk's size in bytes (a flavor's root disk): the image, then
+        zeros. None: the image's size. A size smaller than the image is ``DiskTooSmall``
+        (the image stays cached; no instance disk is made). The cache disk is the image's size.
         """
         image_id = validate_image_id(image_id)
         instance = validate_instance_uuid(instance_uuid)
+        if size is not None and size < 1:
+            raise InvalidInput(f"instance disk size {size} is not positive", image_id=image_id)
         disk = self._instance_disks.claim(instance, image_id=image_id)
         try:
             await self._begin()
             async with self._locks.using(image_id):
                 with naming_image(image_id):
-                    return await self._deploy(image_id, instance)
+                    return await self._deploy(image_id, instance, size)
         finally:
             self._instance_disks.release(disk)
 
     # -- the steps of a deploy, in order ------------------------------------------------
 
-    async def _deploy(self, image_id: str, instance: str) -> DeployResult:
+    async def _deploy(self, image_id: str, instance: str, size: int | None) -> DeployResult:
         """``deploy``, holding the image's use lock: no removal can take its cache disk."""
         start = time.monotonic()
         disk = await self._new_instance_disk(image_id, instance)
@@ -167,10 +176,10 @@ class ImageCache:
                 outcome = ensured.outcome
             fetched += ensured.bytes_fetched
             if copy is not None:  # the download wrote this deploy's disk too: no clone
-                await self._publish_copy(image_id, copy, disk)
+                await self._publish_copy(image_id, copy, disk, size)
                 cache_disk: str | None = ensured.cache_disk
             else:
-                cache_disk = await self._clone(image_id, disk)
+                cache_disk = await self._clone(image_id, disk, size)
             if cache_disk is not None:
                 return DeployResult(
                     image_id=image_id,
@@ -229,28 +238,36 @@ class ImageCache:
         fetched = ingested.fetched if ingested is not None and outcome is Outcome.MISS else 0
         return EnsureResult(image_id, entry.cache_disk, outcome, fetched, time.monotonic() - start)
 
-    async def _clone(self, image_id: str, disk: str) -> str | None:
-        """Clone the image's cache disk into ``disk`` under its shared lock; return the cache
-        disk's name, or None when it was gone (removed by hand since it was ensured)."""
+    async def _clone(self, image_id: str, disk: str, size: int | None) -> str | None:
+        """Clone the image's cache disk into ``disk`` (of ``size`` bytes) under its shared
+        lock; return the cache disk's name, or None when it was gone (removed by hand since
+        it was ensured)."""
         async with self._clones, self._locks.lock(image_id, shared=True):
             entry = await self._ready(image_id)
             if entry is None:
                 return None
+            check_disk_fits(image_id, entry.size, size)
             # a cancelled deploy leaves no disk: the clone (a thread) ends, then is undone
             await complete_or_undo(
-                self._clone_and_record(image_id, entry.cache_disk, disk),
+                self._clone_and_record(image_id, entry.cache_disk, disk, size),
                 lambda: self.vg.delete(disk),
             )
         return entry.cache_disk
 
-    async def _clone_and_record(self, image_id: str, cache_disk: str, disk: str) -> None:
-        await self.vg.clone(cache_disk, disk)
+    async def _clone_and_record(
+        self, image_id: str, cache_disk: str, disk: str, size: int | None
+    ) -> None:
+        await self.vg.clone(cache_disk, disk, size)
         await self._touch_or_undo(image_id, disk)
 
-    async def _publish_copy(self, image_id: str, copy: PartialDisk, disk: str) -> None:
+    async def _publish_copy(
+        self, image_id: str, copy: PartialDisk, disk: str, size: int | None
+    ) -> None:
         try:
+            if size is not None and (entry := await self._catalog.ready(image_id)):
+                check_disk_fits(image_id, entry.size, size)
             # a cancelled deploy leaves no disk: the publish (threads) ends, then is undone
-            await complete_or_undo(copy.publish(disk), lambda: self.vg.delete(disk))
+            await complete_or_undo(copy.publish(disk, size), lambda: self.vg.delete(disk))
         except BaseException:
             await finish(copy.discard())
             raise

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pvmcache_async.storage.base import DiskIdentity, PartialDisk
 from pvmcache_async.storage.filevg import FileVG
+from pvmcache_dev.storm.images import zeros_from
 
 
 def disk_image(size: int, seed: int = 0) -> bytes:
@@ -23,6 +24,14 @@ def disk_image(size: int, seed: int = 0) -> bytes:
         block = rng.choice([64 << 10, 256 << 10])
         out += rng.randbytes(block) if rng.random() < 0.6 else bytes(block)
     return bytes(out[:size])
+
+
+def holds(path: Path, data: bytes, size: int) -> bool:
+    """Whether disk file ``path`` is ``size`` bytes: ``data``, then zeros only."""
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size != size or f.read(len(data)) != data:
+            return False
+    return zeros_from(path, len(data))
 
 
 def vg_files(root: Path) -> list[str]:
@@ -43,8 +52,8 @@ class PassedPartial(PartialDisk):
     async def rewind(self) -> None:
         await self._inner.rewind()
 
-    async def publish(self, final_name: str) -> None:
-        await self._inner.publish(final_name)
+    async def publish(self, final_name: str, size: int | None = None) -> None:
+        await self._inner.publish(final_name, size)
 
     async def discard(self) -> None:
         await self._inner.discard()

@@ -21,14 +21,14 @@ import pytest
 from keystoneauth1 import loading as ks_loading
 from nova import objects, service_auth
 
-from pvmcache_async.driver_hook import DriverHook
-from pvmcache_async.errors import CacheError, DiskExists, GlanceError, InvalidInput
+from pvmcache_async.driver_hook import DriverHook, build_errors
+from pvmcache_async.errors import CacheError, DiskExists, DiskTooSmall, GlanceError, InvalidInput
 from pvmcache_async.models import DeployResult
 from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import FaultProxy, ThreadedFaultProxy, stall
 from .nova_support import CONF, make_instance
-from .support import disk_image, vg_files
+from .support import disk_image, holds, vg_files
 
 pytest_plugins = ["tests.nova_support"]
 MiB = 1 << 20
@@ -78,6 +78,33 @@ def test_the_facade_from_many_threads_at_once_downloads_each_image_once(
         for d in deploys:
             assert (nova_conf / d.disk).read_bytes() == data[i]
     assert len(_loop_threads()) == 1  # one loop serves every thread
+
+
+def test_an_instance_disk_is_its_flavor_s_root_disk_or_the_image_s_size_for_root_gb_0(
+    hook: DriverHook, nova_db: Any, glance_server: GlanceServer, nova_conf: Path
+) -> None:
+    data = disk_image(MiB, seed=105)
+    img = glance_server.create_image(data)
+    meta = objects.ImageMeta.from_dict({"id": img, "disk_format": "raw"})
+    sizes = {1: 1 << 30, 0: len(data)}  # root_gb 0: nova's "the image's size"
+    for root_gb, size in sizes.items():
+        flavor = objects.Flavor(flavorid=str(root_gb), name=f"d{root_gb}", root_gb=root_gb)
+        inst = make_instance(nova_db, img, flavor=flavor)
+        deployed = hook.create_disk_from_image(nova_db, inst, meta)
+        assert deployed is not None and holds(nova_conf / deployed.disk, data, size)
+    assert (nova_conf / deployed.cache_disk).stat().st_size == len(data)
+
+
+def test_a_disk_too_small_for_its_image_is_nova_s_own_flavor_disk_error() -> None:
+    from nova import exception as nova_exception
+
+    too_small = DiskTooSmall("too small", image_id=None, disk_size=1 << 30, image_size=3 << 30)
+    expected = pytest.raises(nova_exception.FlavorDiskSmallerThanImage)
+    with expected as err, build_errors({"id": str(uuid.uuid4())}):
+        raise too_small
+    # nova's compute manager aborts the build on FlavorDiskTooSmall, as libvirt's check does
+    assert isinstance(err.value, nova_exception.FlavorDiskTooSmall)
+    assert f"{1 << 30} bytes, image is {3 << 30} bytes" in str(err.value)
 
 
 @pytest.mark.parametrize(

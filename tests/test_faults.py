@@ -479,10 +479,10 @@ class _HeldCloneVG(FileVG):
         self.cloning = asyncio.Event()
         self.go = threading.Event()
 
-    async def clone(self, source: str, target: str) -> None:
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
         self.cloning.set()
         await asyncio.to_thread(self.go.wait, 30)
-        await super().clone(source, target)
+        await super().clone(source, target, size)
 
 
 async def test_a_deploy_cancelled_mid_clone_leaves_no_instance_disk(

@@ -470,8 +470,8 @@ def test_a_full_vg_can_still_be_listed_and_pruned(
 class _FillingVG(FileVG):
     """A file VG whose filesystem is filled to the last block right after each clone."""
 
-    async def clone(self, source: str, target: str) -> None:
-        await super().clone(source, target)
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
+        await super().clone(source, target, size)
         _fill(self.root)
 
 

@@ -24,8 +24,8 @@ import pytest
 
 from pvmcache_async.names import instance_disk_name
 from pvmcache_dev.glance import GlanceServer
-from pvmcache_dev.nova_cloud import NovaCloud
-from pvmcache_dev.storm.images import sha256_file, upload_images
+from pvmcache_dev.nova_cloud import FLAVOR_DISK_GB, NovaCloud
+from pvmcache_dev.storm.images import sha256_file, upload_images, zeros_from
 from pvmcache_dev.storm.nova import boot_storm, leftovers
 
 pytestmark = [
@@ -147,7 +147,9 @@ def test_a_compute_stopped_during_its_download_boots_the_image_after_a_restart(
     )
 
     (server,) = cloud.api.server_ids(f"after-{sig.name}-")
-    assert sha256_file(vg / instance_disk_name(server)) == sha
+    disk = vg / instance_disk_name(server)  # the flavor's root disk: the image, then zeros
+    assert disk.stat().st_size == FLAVOR_DISK_GB << 30
+    assert sha256_file(disk, 192 * MiB) == sha and zeros_from(disk, 192 * MiB)
     assert leftovers(cloud) == []
     assert glance_server.file_requests(image) == gets + 1
     for h in others:  # never touched: same process, same disks, nothing of this image

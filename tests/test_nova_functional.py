@@ -29,10 +29,10 @@ from pvmcache_async.names import instance_disk_name
 from pvmcache_dev.glance import GlanceServer
 
 from .nova_support import age
-from .support import disk_image, vg_files
+from .support import disk_image, holds, vg_files
 
 CONF = nova.conf.CONF
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 DAY = 86400.0
 DRIVER = "pvmcache_ext.fake.FakeImageCacheDriver"
 
@@ -65,11 +65,14 @@ class _NovaWithCache(integrated_helpers._IntegratedTestBase):  # type: ignore[mi
         self._vg = self._tmp / "vg"
         self.flags(
             enabled=self.CACHE_ENABLED,
-            volume_group=f"file:{self._vg}",
+            volume_group=self._vg_spec(),
             glance_url=self._real_glance.url,  # GlanceFixture's [glance] api_servers is a dummy
             group=pvm_conf.GROUP,
         )
         super()._setup_services()
+
+    def _vg_spec(self) -> str:
+        return f"file:{self._vg}"
 
     def _clear_attrs(self) -> None:
         # nova deletes the test's attributes after it; pytest deletes the test method it set
@@ -105,11 +108,21 @@ class _NovaWithCache(integrated_helpers._IntegratedTestBase):  # type: ignore[mi
         self.glance.create(None, record)
         return image_id
 
+    def _flavor(self, disk: int) -> str:
+        """A flavor of ``disk`` GB of root disk (nova's ``disk``, its ``root_gb``)."""
+        body = {"name": f"disk{disk}", "ram": 512, "vcpus": 1, "disk": disk}
+        return str(self.admin_api.post_flavor({"flavor": body})["id"])
+
     def _boot(
-        self, image_id: str, expected_state: str = "ACTIVE", host: str | None = None
+        self,
+        image_id: str,
+        expected_state: str = "ACTIVE",
+        host: str | None = None,
+        flavor: str | None = None,
     ) -> dict[str, Any]:
-        """A server booted through nova's API, once it reached ``expected_state``."""
-        body = self._build_server(image_uuid=image_id, networks="none", host=host)
+        """A server booted through nova's API, once it reached ``expected_state``; of
+        ``flavor`` (default: the harness's first, m1.tiny, whose root disk is 1 GB)."""
+        body = self._build_server(image_uuid=image_id, networks="none", host=host, flavor_id=flavor)
         server = self.api.post_server({"server": body})
         # the compute builds on a thread of its own even with CAST_AS_CALL; on a loaded
         # machine that takes longer than the helpers' default 5 s
@@ -118,6 +131,10 @@ class _NovaWithCache(integrated_helpers._IntegratedTestBase):  # type: ignore[mi
 
     def _disk(self, server: dict[str, Any]) -> Path:
         return self._vg / instance_disk_name(server["id"])
+
+    def _holds(self, server: dict[str, Any], data: bytes, size: int = GiB) -> bool:
+        """Whether the server's disk is its image then zeros, ``size`` bytes in all."""
+        return holds(self._disk(server), data, size)
 
     def _instance_disks(self) -> list[str]:
         return [d for d in vg_files(self._vg) if d.startswith("b_")] if self._vg.exists() else []
@@ -142,7 +159,7 @@ class TestServersWithTheCache(_NovaWithCache):
 
         for i, server in servers:
             assert server["status"] == "ACTIVE"
-            assert self._disk(server).read_bytes() == data[i]
+            assert self._holds(server, data[i])
         for image_id in images:
             assert self._real_glance.file_requests(image_id) == 1
         assert len(self._cache_disks()) == 2
@@ -150,8 +167,22 @@ class TestServersWithTheCache(_NovaWithCache):
         deleted, kept = servers[0][1], servers[2][1]
         self._delete_server(deleted)
         assert not self._disk(deleted).exists()  # the instance's disk goes with it,
-        assert self._disk(kept).read_bytes() == data[0]  # its image stays cached
+        assert self._holds(kept, data[0])  # its image stays cached
         assert len(self._cache_disks()) == 2
+
+    def test_a_server_s_root_disk_is_its_flavor_s_and_the_cache_disk_its_image_s(self) -> None:
+        data = disk_image(16 * MiB, seed=310)
+        image_id = self._image(data)
+        disk1, disk0 = self._flavor(1), self._flavor(0)
+
+        sized = self._boot(image_id, flavor=disk1)
+        as_image = self._boot(image_id, flavor=disk0)  # root_gb 0: the image's size
+
+        assert self._holds(sized, data, GiB)
+        assert self._holds(as_image, data, len(data))
+        (cache_disk,) = self._cache_disks()
+        assert (self._vg / cache_disk).stat().st_size == len(data)
+        assert self._real_glance.file_requests(image_id) == 1
 
     def test_a_failed_build_leaves_no_disk_and_its_fault_names_the_image_and_the_cause(
         self,
@@ -204,7 +235,7 @@ class TestImagePreCacheAPI(_NovaWithCache):
         assert self._cache_disks() == ["i_" + image_id[:13].replace("-", "_")]
 
         server = self._boot(image_id, host="compute")  # the pre-cached image serves it
-        assert self._disk(server).read_bytes() == data
+        assert self._holds(server, data)
         assert self._real_glance.file_requests(image_id) == 1
 
 
@@ -222,11 +253,11 @@ class TestImageCacheManagerPass(_NovaWithCache):
         self.compute.manager._run_image_cache_manager_pass(nova_context.get_admin_context())
 
         assert self._cache_disks() == sorted([cache_disk["a"], cache_disk["c"]])
-        assert self._disk(servers["a"]).read_bytes() == data["a"]
+        assert self._holds(servers["a"], data["a"])
         assert "Removed unused cache disks: " + cache_disk["b"] in self.stdlog.logger.output
 
         again = self._boot(images["b"])  # a removed image is fetched afresh when needed
-        assert self._disk(again).read_bytes() == data["b"]
+        assert self._holds(again, data["b"])
         assert self._real_glance.file_requests(images["b"]) == 2
 
 
@@ -242,7 +273,7 @@ class TestServersWithoutTheCache(_NovaWithCache):
         servers = [self._boot(image_id) for _ in range(2)]
 
         for server in servers:
-            assert self._disk(server).read_bytes() == data
+            assert self._holds(server, data)  # m1.tiny's 1 GB, as with the cache
         assert self._real_glance.file_requests(image_id) == 2  # one GET per server
         assert self._cache_disks() == []
         self._delete_server(servers[0])
@@ -259,3 +290,38 @@ class TestServersWithoutTheCache(_NovaWithCache):
         message = server["fault"]["message"]
         assert "aborted" in message and image_id in message and "not found in Glance" in message
         assert self._instance_disks() == []
+
+
+class TestServersOnPowerVM(_NovaWithCache):
+    """The same nova, its compute's VG a PowerVM VG: pypowervm's AdapterFx with the fake VIOS
+    of test_powervm.py behind it (the local NovaLink spelling: no host, no password)."""
+
+    def _vg_spec(self) -> str:
+        pytest.importorskip("pypowervm")
+        import fixtures
+        from pypowervm.tests import test_fixtures as pvm_fx
+
+        from .test_powervm import VG_NAME, FakePowerVM
+
+        self.useFixture(fixtures.EnvironmentVariable("XDG_STATE_HOME", str(self._tmp / "xdg")))
+        adapter = self.useFixture(pvm_fx.AdapterFx(traits=pvm_fx.LocalPVMTraits))
+        self.pvm = FakePowerVM(adapter.adpt)
+        return f"powervm:vg={VG_NAME},state_dir={self._tmp / 'state'}"
+
+    def test_a_server_s_root_disk_is_a_copy_of_its_flavor_s_size(self) -> None:
+        data = disk_image(4 * MiB, seed=380)
+        image_id = self._image(data)
+        disk2, disk0 = self._flavor(2), self._flavor(0)
+
+        sized = self._boot(image_id, flavor=disk2)
+        as_image = self._boot(image_id, flavor=disk0)
+
+        b_sized, b_image = (instance_disk_name(s["id"]) for s in (sized, as_image))
+        assert self.pvm.disk(b_sized).capacity == 2  # crt_copy_vdisk's d_size: the flavor's GB
+        assert self.pvm.disk(b_image).capacity == 1  # the image's 4 MiB, in whole GB
+        assert self.pvm.content(b_sized) == self.pvm.content(b_image) == data
+        (cache_disk,) = [n for n in self.pvm.names() if n.startswith("i_")]
+        assert self.pvm.disk(cache_disk).capacity == 1
+        assert self._real_glance.file_requests(image_id) == 1
+        self._delete_server(sized)
+        assert b_sized not in self.pvm.names() and b_image in self.pvm.names()

@@ -133,10 +133,10 @@ _HELD_CLONES = textwrap.dedent(
         while not (marks / "go").exists():
             time.sleep(0.01)
 
-    async def held_clone(self, source, target):
+    async def held_clone(self, source, target, size=None):
         (marks / f"cloning-{target}").touch()
         await asyncio.to_thread(wait_for_go)  # a thread: cancelling its caller cannot stop it
-        await real_clone(self, source, target)
+        await real_clone(self, source, target, size)
 
     FileVG.clone = held_clone
     sys.exit(cli.main(sys.argv[2:]))

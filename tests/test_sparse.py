@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.errors import StorageError
+from pvmcache_async.errors import InvalidInput, StorageError
 from pvmcache_async.storage import filevg
 from pvmcache_async.storage.filevg import HOLE_BLOCK, CloneMethod, FileVG, FileVGSettings
+
+from .support import holds
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -116,6 +118,23 @@ async def test_clone_is_byte_identical_to_its_source(
     await vg.clone("i_src", "b_dst")
     assert (tmp_path / "b_dst").read_bytes() == data
     assert _disks(tmp_path) == ["b_dst", "i_src"]
+
+
+@pytest.mark.parametrize("method", ["auto", "sparse", "copy"])
+async def test_a_clone_of_a_size_is_grown_by_a_hole_and_a_smaller_size_is_refused(
+    tmp_path: Path, method: CloneMethod
+) -> None:
+    data = _image(8)
+    vg = FileVG(tmp_path, FileVGSettings(clone_method=method))
+    await _ingest(vg, "i_src", data, MiB)
+    await vg.clone("i_src", "b_big", 1 << 30)
+    with pytest.raises(InvalidInput, match="cannot hold"):
+        await vg.clone("i_src", "b_small", len(data) - 1)
+
+    assert holds(tmp_path / "b_big", data, 1 << 30)
+    if _fs_makes_holes(tmp_path):
+        assert os.stat(tmp_path / "b_big").st_blocks * 512 < len(data) + MiB
+    assert _disks(tmp_path) == ["b_big", "i_src"]  # no half-made clone left
 
 
 async def test_hole_aware_clone_keeps_the_holes(tmp_path: Path) -> None:

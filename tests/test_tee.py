@@ -54,9 +54,9 @@ class _VG(FileVG):
         self.copies = 0
         self._fails_after = copy_fails_after
 
-    async def clone(self, source: str, target: str) -> None:
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
         self.clones += 1
-        await super().clone(source, target)
+        await super().clone(source, target, size)
 
     async def create_copy(self, target: str, size: int) -> PartialDisk | None:
         copy = await super().create_copy(target, size)

@@ -21,10 +21,11 @@ from pvmcache_async import (
     InvalidInput,
     Outcome,
 )
-from pvmcache_async.storage.filevg import FileVG
+from pvmcache_async.errors import DiskTooSmall
+from pvmcache_async.storage.filevg import FileVG, FileVGSettings
 from pvmcache_dev.glance import GlanceServer
 
-from .support import GatedVG, disk_image, vg_files
+from .support import GatedVG, disk_image, holds, vg_files
 
 MiB = 1 << 20
 
@@ -186,6 +187,43 @@ async def test_an_instance_disk_is_never_overwritten(
     with pytest.raises(DiskExists, match="already has a disk"):
         await cache.deploy(img, inst)
     assert (tmp_path / "vg" / first.disk).read_bytes() == b"the instance wrote this"
+
+
+@pytest.mark.parametrize("method", ["sparse", "copy"])  # a cold deploy: tee / clone
+async def test_a_deploy_of_a_size_gives_the_image_then_zeros_and_the_cache_disk_stays_its_size(
+    tmp_path: Path, glance_server: GlanceServer, method: str
+) -> None:
+    data = disk_image(MiB, seed=14)
+    img = glance_server.create_image(data)
+    vg = FileVG(tmp_path / "vg", FileVGSettings(clone_method=method))  # type: ignore[arg-type]
+    cache = ImageCache(vg, GlanceClient(glance_server.url))
+    size = 64 * MiB + 5  # any byte count: the file VG keeps it exactly
+    try:
+        cold = await cache.deploy(img, str(uuid.uuid4()), size=size)
+        warm = await cache.deploy(img, str(uuid.uuid4()), size=size)
+        plain = await cache.deploy(img, str(uuid.uuid4()))
+    finally:
+        await cache.close()
+
+    assert (cold.outcome, warm.outcome) == (Outcome.MISS, Outcome.HIT)
+    for r in (cold, warm):
+        assert holds(tmp_path / "vg" / r.disk, data, size)
+        assert (tmp_path / "vg" / r.disk).stat().st_blocks * 512 < 8 * MiB  # zeros as a hole
+    assert holds(tmp_path / "vg" / plain.disk, data, len(data))
+    assert (tmp_path / "vg" / cold.cache_disk).stat().st_size == len(data)
+
+
+async def test_a_size_smaller_than_the_image_fails_the_deploy_and_keeps_the_image_cached(
+    cache: ImageCache, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = disk_image(MiB, seed=15)
+    img = glance_server.create_image(data)
+    for _ in range(2):  # cold (the tee's copy is dropped), then warm (no clone is made)
+        with pytest.raises(DiskTooSmall, match=f"{MiB - 1} bytes cannot hold") as err:
+            await cache.deploy(img, str(uuid.uuid4()), size=MiB - 1)
+        assert (err.value.disk_size, err.value.image_size) == (MiB - 1, MiB)
+    assert vg_files(tmp_path / "vg") == ["i_" + img[:13].replace("-", "_")]
+    assert glance_server.file_requests(img) == 1
 
 
 @pytest.mark.parametrize(

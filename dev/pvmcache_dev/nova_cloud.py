@@ -50,6 +50,7 @@ __all__ = [
 
 DEFAULT_DRIVER = "pvmcache_ext.fake.FakeImageCacheDriver"
 FLAVOR = "pvmcache-storm"  # the flavor id `up` makes: 1 vCPU, 64 MiB, 10 GB of disk
+FLAVOR_DISK_GB = 10  # its root disk: every server's disk is this large (the image, then zeros)
 MICROVERSION = "2.74"  # networks 'none' (2.37) and a requested host (2.74)
 _BIN = Path(sys.executable).parent  # nova, placement and gunicorn are in this venv
 _PACKAGES = ("rabbitmq-server", "mariadb-server")
@@ -591,7 +592,7 @@ class NovaCloud:
             time.sleep(0.5)
         status, _ = self.api.call("GET", f"/flavors/{FLAVOR}")
         if status == 404:
-            flavor = {"name": FLAVOR, "id": FLAVOR, "vcpus": 1, "ram": 64, "disk": 10}
+            flavor = {"name": FLAVOR, "id": FLAVOR, "vcpus": 1, "ram": 64, "disk": FLAVOR_DISK_GB}
             self.api.expect("POST", "/flavors", {"flavor": flavor}, 200)
 
     # -- configuration ------------------------------------------------------------------------

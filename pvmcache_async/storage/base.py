@@ -69,8 +69,12 @@ class PartialDisk(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    async def publish(self, final_name: str) -> None:
-        """Make the data durable, then visible under ``final_name``; the partial is gone."""
+    async def publish(self, final_name: str, size: int | None = None) -> None:
+        """Make the data durable, then visible under ``final_name``; the partial is gone.
+
+        ``size``: the published disk's size in bytes, at least the bytes written, which it
+        begins with; zeros follow them (a root disk larger than its image). None: as written.
+        """
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -135,8 +139,12 @@ class VolumeGroup(abc.ABC):
         return False
 
     @abc.abstractmethod
-    async def clone(self, source: str, target: str) -> None:
-        """Create disk ``target`` as a full copy of ``source``; atomic, never replaces."""
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
+        """Create disk ``target`` as a full copy of ``source``; atomic, never replaces.
+
+        ``size``: the new disk's size in bytes, at least the source's; zeros follow the
+        source's bytes (a root disk larger than its image). None: the source's size.
+        """
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -462,18 +462,20 @@ class FilePartialDisk(PartialDisk):
             raise storage_error(f"rewinding partial disk {self.name}", exc) from exc
         self._offset = 0
 
-    async def publish(self, final_name: str) -> None:
+    async def publish(self, final_name: str, size: int | None = None) -> None:
         final = self._vg.path_of(final_name)
         fd = self._handle()
+        if size is not None and size < self._offset:
+            raise InvalidInput(f"disk {final_name}: {size} bytes cannot hold {self._offset}")
         try:
-            await asyncio.to_thread(self._publish_sync, fd, final, final_name)
+            await asyncio.to_thread(self._publish_sync, fd, final, final_name, size)
         except OSError as exc:
             raise storage_error(f"publishing {self.name} as {final_name}", exc) from exc
         self._fd = None
         os.close(fd)  # published, its temporary name gone: the lock may go
 
-    def _publish_sync(self, fd: int, final: Path, final_name: str) -> None:
-        os.ftruncate(fd, self._offset)  # trailing holes count too
+    def _publish_sync(self, fd: int, final: Path, final_name: str, size: int | None) -> None:
+        os.ftruncate(fd, self._offset if size is None else size)  # trailing holes count too
         if self._identity is not None:
             _set_identity(fd, self._identity)
         os.fsync(fd)
@@ -687,13 +689,13 @@ class FileVG(VolumeGroup):
             self._reflink_works = probe_reflink(self.state_dir)
         return self._reflink_works
 
-    async def clone(self, source: str, target: str) -> None:
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
         src, dst = self.path_of(source), self.path_of(target)
         await self._check_free(target)  # fail before copying rather than after
         tmp = self.path_of(temporary_disk_name())
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self._clone_threads, self._clone_sync, src, tmp, dst, target
+                self._clone_threads, self._clone_sync, src, tmp, dst, target, size
             )
         except OSError as exc:
             raise storage_error(f"cloning {source} to {target}", exc) from exc
@@ -714,12 +716,16 @@ class FileVG(VolumeGroup):
         else:
             copy_sparse(sfd, dfd, size, piece)
 
-    def _clone_sync(self, src: Path, tmp: Path, dst: Path, target: str) -> None:
+    def _clone_sync(self, src: Path, tmp: Path, dst: Path, target: str, size: int | None) -> None:
         sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            if size is not None and size < (have := os.fstat(sfd).st_size):
+                raise InvalidInput(f"disk {target}: {size} bytes cannot hold {have}")
             dfd = create_owned(tmp, self.settings.mode)  # held, as a partial is, till the end
             try:
                 self._copy(sfd, dfd)
+                if size is not None:
+                    os.ftruncate(dfd, size)  # grown as a hole: zeros after the image
                 os.fsync(dfd)
                 _link_new(dfd, tmp, dst, target)
             finally:

@@ -44,13 +44,20 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DiskExists, InsufficientSpace, StorageError
+from ..errors import DiskExists, InsufficientSpace, InvalidInput, StorageError
 from ..locks import private_dir
 from ..names import MAX_DISK_NAME, temporary_disk_name
 from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
 from .checks import check_disk_name
 
 DEFAULT_TOTAL = 1 << 40  # 1 TiB: room is no concern unless a test says so
+
+
+def _grown(name: str, have: int, size: int) -> int:
+    """How many zeros follow ``have`` bytes in a disk of ``size`` (InvalidInput if smaller)."""
+    if size < have:
+        raise InvalidInput(f"disk {name}: {size} bytes cannot hold {have}")
+    return size - have
 
 
 @dataclass(slots=True)
@@ -102,12 +109,14 @@ class MemoryPartialDisk(PartialDisk):
         await asyncio.sleep(0)
         self._own().data.clear()
 
-    async def publish(self, final_name: str) -> None:
+    async def publish(self, final_name: str, size: int | None = None) -> None:
         await asyncio.sleep(0)
         disk = self._own()
         check_disk_name(final_name, MAX_DISK_NAME)
         if final_name in self._vg.disks:
             raise DiskExists(f"disk {final_name} already exists in the volume group")
+        if size is not None:
+            disk.data += bytes(_grown(final_name, len(disk.data), size))
         del self._vg.disks[self.name]
         disk.identity, disk.writer, disk.reserved = self._identity, None, 0
         self._vg.disks[final_name] = disk
@@ -209,7 +218,7 @@ class MemoryVG(VolumeGroup):
     async def reserves_space(self) -> bool:
         return self.reserves
 
-    async def clone(self, source: str, target: str) -> None:
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
         await asyncio.sleep(0)
         check_disk_name(source, MAX_DISK_NAME)
         check_disk_name(target, MAX_DISK_NAME)
@@ -220,7 +229,8 @@ class MemoryVG(VolumeGroup):
             raise DiskExists(f"disk {target} already exists in the volume group")
         if len(disk.data) > self._free():
             raise InsufficientSpace(f"cloning {source} to {target}: no space left")
-        self.disks[target] = _Disk(bytearray(disk.data))
+        grown = 0 if size is None else _grown(target, len(disk.data), size)
+        self.disks[target] = _Disk(bytearray(disk.data) + bytes(grown))
 
     async def delete(self, name: str) -> None:
         await asyncio.sleep(0)

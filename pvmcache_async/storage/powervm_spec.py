@@ -20,11 +20,13 @@ from .checks import cause
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")
     from pypowervm import adapter as pvm_adpt
+    from pypowervm.helpers import log_helper, vios_busy
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER = 16 << 20  # bytes between the download and the upload thread (buffer_mb=)
 PASSWORD_ENV = "PVMCACHE_POWERVM_PASSWORD"
+ADAPTER_HELPERS = [log_helper.log_helper, vios_busy.vios_busy_retry_helper]  # nova-powervm's
 _SPEC_KEYS = {
     "host",
     "port",
@@ -34,6 +36,7 @@ _SPEC_KEYS = {
     "certpath",
     "vg",
     "vios",
+    "system",
     "state_dir",
     "buffer_mb",
     "conn_tries",
@@ -52,6 +55,7 @@ class PowerVMSpec:
     password_env: str = PASSWORD_ENV
     certpath: str | None = None
     vios: str | None = None
+    system: str | None = None  # the managed system, where the REST server (an HMC) has several
     state_dir: Path | None = None
     buffer_bytes: int = DEFAULT_BUFFER
     conn_tries: int = 1
@@ -59,17 +63,27 @@ class PowerVMSpec:
     def text(self) -> str:
         """The spec as it would be written, for messages and ``VolumeGroup.spec``."""
         parts = [f"vg={self.vg}"]
-        for key in ("host", "port", "protocol", "user", "vios", "state_dir", "certpath"):
+        for key in ("host", "port", "protocol", "user", "system", "vios", "state_dir", "certpath"):
             value = getattr(self, key)
             if value is not None:
                 parts.append(f"{key}={value}")
         return "powervm:" + ",".join(parts)
 
     def default_state_dir(self) -> Path:
-        """Per user, keyed by host, VIOS and VG: the index and locks of this VG."""
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        key = f"{self.host or 'local'}_{self.vios or 'any'}_{self.vg}"
-        return Path(base) / "pvmcache_async" / "powervm" / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+        """Per user, keyed by host, managed system (if named) and VG name, not by ``vios``
+        (naming the VIOS or not gives one directory): the index and locks of this VG. Which
+        VG a directory serves is bound on first use (its uuid): two VGs never share one."""
+        key = "_".join(p for p in (self.host or "local", self.system, self.vg) if p)
+        return _base() / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+
+    def claims_dir(self) -> Path:
+        """Per user: which state directory each VG (by uuid) of this host is cached with."""
+        return _base() / "claims"
+
+
+def _base() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "pvmcache_async" / "powervm"
 
 
 def parse_spec(rest: str) -> PowerVMSpec:
@@ -114,6 +128,7 @@ def parse_spec(rest: str) -> PowerVMSpec:
         password_env=values.get("password_env", PASSWORD_ENV),
         certpath=values.get("certpath"),
         vios=values.get("vios"),
+        system=values.get("system"),
         state_dir=Path(values["state_dir"]).expanduser() if "state_dir" in values else None,
         buffer_bytes=number("buffer_mb", DEFAULT_BUFFER >> 20, 1) << 20,
         conn_tries=number("conn_tries", 1, 1),
@@ -125,7 +140,9 @@ def connect(spec: PowerVMSpec) -> Any:
 
     Without a host: the local NovaLink REST server with file-based authentication, as
     nova-powervm connected. With a host (an HMC or a remote NovaLink): user and password,
-    the password read from the environment variable ``spec.password_env``.
+    the password read from the environment variable ``spec.password_env``. The Adapter is
+    nova-powervm's: pypowervm's ``log_helper`` and ``vios_busy_retry_helper`` (a request the
+    VIOS answers "busy" is sent again, 3 times, 5 s apart and growing).
     """
     pvm_log = logging.getLogger("pypowervm")
     if pvm_log.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
@@ -150,4 +167,4 @@ def connect(spec: PowerVMSpec) -> Any:
         raise StorageError(
             f"VG {spec.text()}: cannot log on to the PowerVM REST API: {cause(exc)}"
         ) from None  # the chain could hold the logon request
-    return pvm_adpt.Adapter(session)
+    return pvm_adpt.Adapter(session, helpers=list(ADAPTER_HELPERS))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import (
+    CacheError,
     CacheSettings,
     DiskExists,
     GlanceError,
@@ -34,9 +35,9 @@ class CountingVG(MemoryVG):
 
     clones = 0
 
-    async def clone(self, source: str, target: str) -> None:
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
         self.clones += 1
-        await super().clone(source, target)
+        await super().clone(source, target, size)
 
 
 async def test_the_deploy_that_starts_a_download_has_its_disk_written_alongside(
@@ -204,3 +205,30 @@ async def test_a_malformed_instance_uuid_is_refused_before_anything_is_asked(
     with pytest.raises(InvalidInput, match="instance uuid"):
         await cache.deploy(img, "b_../../x")
     assert disk_names(vg) == [] and sum(glance.record_requests.values()) == 0
+
+
+async def test_a_root_disk_of_a_given_size_holds_the_image_then_zeros_on_both_paths(
+    tmp_path: Path, glance: ScriptedGlance
+) -> None:
+    vg = CountingVG(tmp_path / "state")
+    cache = ImageCache(vg, glance)
+    try:
+        data = image(32 * KiB)
+        img = glance.add(data)
+        first = await cache.deploy(img, instance(), size=96 * KiB)  # the tee's copy
+        later = await cache.deploy(img, instance(), size=64 * KiB)  # a clone
+        assert vg.clones == 1
+        assert vg.read(first.disk) == data + bytes(64 * KiB)
+        assert vg.read(later.disk) == data + bytes(32 * KiB)
+        assert vg.read(first.cache_disk) == data  # the cache disk stays the image's size
+    finally:
+        await cache.close()
+
+
+async def test_a_root_disk_smaller_than_its_image_is_refused_and_leaves_no_disk(
+    cache: ImageCache, vg: MemoryVG, glance: ScriptedGlance
+) -> None:
+    img = glance.add(image(32 * KiB))
+    with pytest.raises(CacheError, match=r"smaller|cannot hold"):
+        await cache.deploy(img, inst := instance(), size=16 * KiB)
+    assert instance_disk_name(inst) not in vg.disks

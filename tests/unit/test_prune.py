@@ -73,10 +73,10 @@ class HeldCloneVG(MemoryVG):
         self.gate = asyncio.Event()
         self.cloning = asyncio.Event()
 
-    async def clone(self, source: str, target: str) -> None:
+    async def clone(self, source: str, target: str, size: int | None = None) -> None:
         self.cloning.set()
         await self.gate.wait()
-        await super().clone(source, target)
+        await super().clone(source, target, size)
 
 
 async def test_remove_never_takes_the_cache_disk_a_deploy_is_cloning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,9 +29,37 @@ def make_image_file(path: Path, size: int, seed: int) -> str:
     return digest.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, size: int | None = None) -> str:
+    """The sha256 of the file, or of its first ``size`` bytes (an image inside a root disk)."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        if size is None:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while size > 0 and (block := f.read(min(_BLOCK, size))):
+            digest.update(block)
+            size -= len(block)
+        return digest.hexdigest()
+
+
+def zeros_from(path: Path, offset: int) -> bool:
+    """Whether the file holds only zeros from ``offset`` to its end (a root disk after its
+    image). Reads only the data extents (SEEK_DATA/SEEK_HOLE): a sparse 10 GB disk is checked
+    in a moment."""
+    with open(path, "rb") as f:
+        fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, offset
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole from here to the end
+                return True
+            stop = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
+            f.seek(pos)
+            while pos < stop:
+                block = f.read(min(_BLOCK, stop - pos))
+                if block.count(0) != len(block):
+                    return False
+                pos += len(block)
+    return True
 
 
 def upload_images(

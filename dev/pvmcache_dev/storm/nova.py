@@ -32,8 +32,8 @@ from pvmcache_async.storage import open_vg
 from pvmcache_async.transfer import ImageCache
 
 from ..glance import GlanceServer
-from ..nova_cloud import DEFAULT_DRIVER, NovaAPI, NovaCloud
-from .images import sha256_file, upload_images
+from ..nova_cloud import DEFAULT_DRIVER, FLAVOR_DISK_GB, NovaAPI, NovaCloud
+from .images import sha256_file, upload_images, zeros_from
 from .modes import NOVA_MODES
 from .run import _machine, _percentile
 
@@ -211,16 +211,18 @@ def _check_disks(
     images: dict[str, str],
     verify: bool,
 ) -> tuple[int, int]:
-    """(disks of the right size, disks byte-identical to their image) of the ACTIVE servers."""
+    """(disks of the right size, disks byte-identical to their image then zeros) of the ACTIVE
+    servers. A server's disk is its flavor's root disk, ``FLAVOR_DISK_GB``, as nova accounts it."""
     found = verified = 0
     sizes = {image: int(str(glance.image(image)["size"])) for image in images}
     for sid, host in where.items():
         path = cloud.vg_path(host) / instance_disk_name(sid)
         image = image_of.get(sid)
-        if image is None or not path.exists() or path.stat().st_size != sizes[image]:
+        if image is None or not path.exists() or path.stat().st_size != FLAVOR_DISK_GB << 30:
             continue
         found += 1
-        if verify and sha256_file(path) == images[image]:
+        size = sizes[image]
+        if verify and sha256_file(path, size) == images[image] and zeros_from(path, size):
             verified += 1
     return found, verified
 
