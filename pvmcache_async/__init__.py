@@ -1,6 +1,6 @@
 """pvmcache_async: each Glance image streamed once into the volume group; every deploy a clone."""
 
-from .errors import (
+from pvmcache_async.errors import (
     CacheError,
     DiskExists,
     GlanceError,
@@ -12,8 +12,8 @@ from .errors import (
     NoGlanceEndpoint,
     StorageError,
 )
-from .glance import GlanceClient
-from .models import (
+from pvmcache_async.glance.client import GlanceClient
+from pvmcache_async.models import (
     CacheEntry,
     DeployResult,
     EnsureResult,
@@ -22,8 +22,8 @@ from .models import (
     Outcome,
     PruneResult,
 )
-from .storage import VolumeGroup, open_vg
-from .transfer import CacheSettings, ImageCache
+from pvmcache_async.storage import VolumeGroup, open_vg
+from pvmcache_async.transfer import CacheSettings, ImageCache
 
 __all__ = [
     "CacheEntry",

@@ -32,9 +32,8 @@ from typing import Any, TypeVar
 from nova.virt import imagecache
 from oslo_config import cfg
 
-from . import conf as pvm_conf
-from . import direct
-from .errors import (
+from pvmcache_async.core import direct
+from pvmcache_async.errors import (
     DiskTooSmall,
     GlanceError,
     ImageNotFound,
@@ -42,12 +41,13 @@ from .errors import (
     InvalidInput,
     NoGlanceEndpoint,
 )
-from .glance import GlanceClient, redact_url
-from .loop_thread import LoopThread
-from .models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
-from .names import instance_disk_name, validate_image_id, validate_instance_uuid
-from .storage import VolumeGroup, open_vg
-from .transfer import CacheSettings, ImageCache
+from pvmcache_async.glance.client import GlanceClient, redact_url
+from pvmcache_async.models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
+from pvmcache_async.names import instance_disk_name, validate_image_id, validate_instance_uuid
+from pvmcache_async.nova import conf as pvm_conf
+from pvmcache_async.nova.loop_thread import LoopThread
+from pvmcache_async.storage import VolumeGroup, open_vg
+from pvmcache_async.transfer import CacheSettings, ImageCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -26,8 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from .errors import InsufficientSpace, ReadOnly, StorageError, UntrustedFile
-from .statefiles import read_only
+from pvmcache_async.core.statefiles import read_only
+from pvmcache_async.errors import InsufficientSpace, ReadOnly, StorageError, UntrustedFile
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)

@@ -28,7 +28,7 @@ import secrets
 import uuid
 from collections.abc import Iterator
 
-from .errors import DiskExists, InvalidInput
+from pvmcache_async.errors import DiskExists, InvalidInput
 
 MAX_DISK_NAME = 15
 CACHE_PREFIX = "i_"

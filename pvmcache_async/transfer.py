@@ -36,10 +36,15 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from . import eviction
-from .aio import complete_or_undo, finish
-from .catalog import Catalog, Trust
-from .errors import (
+from pvmcache_async.aio import complete_or_undo, finish
+from pvmcache_async.core import eviction
+from pvmcache_async.core.catalog import Catalog, Trust
+from pvmcache_async.core.image_locks import ImageHold, ImageLocks
+from pvmcache_async.core.ingest import Ingest, IngestResult, outcome_of
+from pvmcache_async.core.progress import ProgressBoard
+from pvmcache_async.core.recovery import Recovery
+from pvmcache_async.core.tee import TeeTarget
+from pvmcache_async.errors import (
     CacheError,
     DiskExists,
     InsufficientSpace,
@@ -48,16 +53,23 @@ from .errors import (
     check_disk_fits,
     naming_image,
 )
-from .glance import GlanceClient
-from .image_locks import ImageHold, ImageLocks
-from .ingest import Ingest, IngestResult, outcome_of
-from .locks import SingleFlight
-from .models import CacheEntry, DeployResult, EnsureResult, EntryState, Outcome, PruneResult
-from .names import InstanceDisks, instance_disk_name, validate_image_id, validate_instance_uuid
-from .progress import ProgressBoard
-from .recovery import Recovery
-from .storage import PartialDisk, VolumeGroup
-from .tee import TeeTarget
+from pvmcache_async.glance.client import GlanceClient
+from pvmcache_async.locks import SingleFlight
+from pvmcache_async.models import (
+    CacheEntry,
+    DeployResult,
+    EnsureResult,
+    EntryState,
+    Outcome,
+    PruneResult,
+)
+from pvmcache_async.names import (
+    InstanceDisks,
+    instance_disk_name,
+    validate_image_id,
+    validate_instance_uuid,
+)
+from pvmcache_async.storage import PartialDisk, VolumeGroup
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from nova import objects
 from nova.compute import vm_states
 from nova.db import migration
 
-from pvmcache_async import conf as pvm_conf
 from pvmcache_async.driver_hook import DriverHook
+from pvmcache_async.nova import conf as pvm_conf
 from pvmcache_dev.glance import GlanceServer
 
 CONF = nova.conf.CONF

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import CacheEntry, EntryState
-from pvmcache_async.index import BadRow, Index
+from pvmcache_async.core.index import BadRow, Index
 from pvmcache_async.names import cache_disk_names
 from pvmcache_dev.glance import GlanceServer
 

@@ -52,7 +52,7 @@ def test_the_product_wheel_holds_no_dev_server_and_no_storm(checkout: Path, tmp_
     dev = [m for m in modules if any(w in m for w in ("dev", "storm"))]
     assert dev == []
     assert "nova/virt/pvmcache_ext/__init__.py" in modules  # the shim nova loads drivers by
-    assert "pvmcache_async/cli.py" in modules and "pvmcache_async/transfer.py" in modules
+    assert "pvmcache_async/cli/main.py" in modules and "pvmcache_async/transfer.py" in modules
     # the product installs no system package: that is the dev package's nova cloud's job
     installs = [m for m in modules if any(w in files[m] for w in (b"apt-get", b"dpkg"))]
     assert installs == []

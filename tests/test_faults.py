@@ -33,7 +33,7 @@ from pvmcache_async import (
     IntegrityError,
     Outcome,
 )
-from pvmcache_async.glance import RetryPolicy, parse_image
+from pvmcache_async.glance.client import RetryPolicy, parse_image
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer

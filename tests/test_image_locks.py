@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async.image_locks import ImageLocks
+from pvmcache_async.core.image_locks import ImageLocks
 
 
 @pytest.fixture

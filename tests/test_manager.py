@@ -15,8 +15,8 @@ from nova.compute import vm_states
 from nova.virt import imagecache
 
 from pvmcache_async import CacheEntry, EntryState, ImageCache
+from pvmcache_async.core.index import Index
 from pvmcache_async.driver_hook import DriverHook, ImageManager
-from pvmcache_async.index import Index
 from pvmcache_async.locks import FileLock
 from pvmcache_async.names import cache_disk_names, partial_disk_name
 from pvmcache_async.storage.filevg import FileVG

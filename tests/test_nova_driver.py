@@ -14,8 +14,8 @@ from nova.virt import driver as virt_driver
 from nova.virt import fake
 
 from pvmcache_async.errors import DiskExists, IntegrityError
-from pvmcache_async.fake_driver import FakeImageCacheDriver
 from pvmcache_async.names import instance_disk_name, partial_disk_name
+from pvmcache_async.nova.fake_driver import FakeImageCacheDriver
 from pvmcache_dev.glance import GlanceServer
 
 from .nova_support import CONF, make_instance

@@ -23,9 +23,9 @@ import pytest
 from nova import context as nova_context
 from nova.tests.functional import integrated_helpers
 
-from pvmcache_async import conf as pvm_conf
-from pvmcache_async.fake_driver import FakeImageCacheDriver
 from pvmcache_async.names import instance_disk_name
+from pvmcache_async.nova import conf as pvm_conf
+from pvmcache_async.nova.fake_driver import FakeImageCacheDriver
 from pvmcache_dev.glance import GlanceServer
 
 from .nova_support import age

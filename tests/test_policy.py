@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from pvmcache_async import CacheEntry, EntryState, InvalidInput, Outcome
-from pvmcache_async.eviction import Budget, expired, over_budget
-from pvmcache_async.ingest import IngestResult, outcome_of
+from pvmcache_async.core.eviction import Budget, expired, over_budget
+from pvmcache_async.core.ingest import IngestResult, outcome_of
 
 NOW = 1_000_000.0
 MiB = 1 << 20

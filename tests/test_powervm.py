@@ -49,7 +49,7 @@ from pvmcache_async import (
     InvalidInput,
     Outcome,
 )
-from pvmcache_async.direct import stream_disk
+from pvmcache_async.core.direct import stream_disk
 from pvmcache_async.errors import DiskExists, StorageError
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.names import (
@@ -59,14 +59,14 @@ from pvmcache_async.names import (
     partial_disk_name,
 )
 from pvmcache_async.storage import DiskIdentity, open_vg
-from pvmcache_async.storage.powervm import (
+from pvmcache_async.storage.powervm.backend import (
     STRAY_AGE,
     TIMED_OUT,
     PowerVMPartialDisk,
     PowerVMVG,
 )
-from pvmcache_async.storage.powervm_spec import PASSWORD_ENV, connect, parse_spec
-from pvmcache_async.storage.powervm_stream import StreamBuffer
+from pvmcache_async.storage.powervm.spec import PASSWORD_ENV, connect, parse_spec
+from pvmcache_async.storage.powervm.stream import StreamBuffer
 from pvmcache_dev.glance import GlanceServer
 
 from .support import disk_image

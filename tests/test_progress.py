@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pvmcache_async.progress import ProgressBoard, ProgressRecord, read_record
+from pvmcache_async.core.progress import ProgressBoard, ProgressRecord, read_record
 from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import ThreadedFaultProxy, stall

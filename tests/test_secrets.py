@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pvmcache_async import GlanceClient, GlanceError, ImageCache, InvalidInput, glance
-from pvmcache_async.glance import RetryPolicy
+from pvmcache_async import GlanceClient, GlanceError, ImageCache, InvalidInput
+from pvmcache_async.glance import client as glance
+from pvmcache_async.glance.client import RetryPolicy
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer
 from pvmcache_dev.keystone import Credentials, KeystoneServer

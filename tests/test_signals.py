@@ -123,7 +123,7 @@ _HELD_CLONES = textwrap.dedent(
     """
     import asyncio, sys, time
     from pathlib import Path
-    from pvmcache_async import cli
+    from pvmcache_async.cli import main as cli
     from pvmcache_async.storage.filevg import FileVG
 
     marks = Path(sys.argv[1])

@@ -135,7 +135,7 @@ def test_an_unknown_mode_is_a_one_line_error() -> None:
 
 def test_the_command_line_knows_the_storm_modes_without_loading_the_storm() -> None:
     probe = (
-        "import sys, pvmcache_async.cli as cli\n"
+        "import sys, pvmcache_async.cli.main as cli\n"
         "cli.build_parser()\n"
         "print(sorted(m for m in sys.modules if m.startswith('pvmcache_dev.storm.')))"
     )
@@ -151,7 +151,7 @@ def test_the_command_line_knows_the_storm_modes_without_loading_the_storm() -> N
 _WITHOUT_DEV = (
     "import sys\n"
     "sys.modules['pvmcache_dev'] = None\n"
-    "from pvmcache_async.cli import main\n"
+    "from pvmcache_async.cli.main import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 

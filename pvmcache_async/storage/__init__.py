@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import InvalidInput, shown
-from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+from pvmcache_async.errors import InvalidInput, shown
+from pvmcache_async.storage.base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
 
 _PATH_MAX = 4096  # Linux's PATH_MAX, with its NUL
 
@@ -38,11 +38,13 @@ def open_vg(spec: str, *, create: bool = True) -> VolumeGroup:
     """
     kind, rest = _kind_of(spec)
     if kind == "file":
-        from .filevg import FileVG  # imported on demand: each backend has its own deps
+        from pvmcache_async.storage.filevg import (
+            FileVG,  # imported on demand: each backend has its own deps
+        )
 
         return FileVG(_file_vg_path(rest), create=create)
     try:
-        from .powervm import open_powervm_vg  # type: ignore[import-not-found,unused-ignore]
+        from pvmcache_async.storage.powervm.backend import open_powervm_vg  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise InvalidInput(f"VG powervm: the PowerVM backend is unavailable ({exc})") from exc
     vg: VolumeGroup = open_powervm_vg(rest)
@@ -59,7 +61,7 @@ def check_vg_spec(spec: str) -> None:
         _file_vg_path(rest)
         return
     try:
-        from .powervm_spec import parse_spec  # type: ignore[import-not-found,unused-ignore]
+        from pvmcache_async.storage.powervm.spec import parse_spec  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return  # no backend to parse it with: open_vg says that, it is not the spec's fault
     parse_spec(rest)

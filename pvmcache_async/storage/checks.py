@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import re
 
-from ..errors import CacheError, InsufficientSpace, InvalidInput, StorageError
+from pvmcache_async.errors import CacheError, InsufficientSpace, InvalidInput, StorageError
 
 _DISK_NAME = re.compile(r"[A-Za-z0-9_]+")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

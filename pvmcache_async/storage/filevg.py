@@ -63,12 +63,12 @@ from typing import Literal, cast
 
 import aiofiles.os
 
-from ..aio import complete_or_undo
-from ..errors import DiskExists, InvalidInput, StorageError
-from ..locks import private_dir
-from ..names import is_temporary_name, temporary_disk_name
-from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
-from .checks import check_disk_name, storage_error
+from pvmcache_async.aio import complete_or_undo
+from pvmcache_async.errors import DiskExists, InvalidInput, StorageError
+from pvmcache_async.locks import private_dir
+from pvmcache_async.names import is_temporary_name, temporary_disk_name
+from pvmcache_async.storage.base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+from pvmcache_async.storage.checks import check_disk_name, storage_error
 
 LONGEST_DISK_NAME = 64  # a plain file name, and well within any filesystem's NAME_MAX
 _COPY_CHUNK = 1 << 30  # per copy_file_range call; the kernel copies without user space

@@ -44,11 +44,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DiskExists, InsufficientSpace, InvalidInput, StorageError
-from ..locks import private_dir
-from ..names import MAX_DISK_NAME, temporary_disk_name
-from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
-from .checks import check_disk_name
+from pvmcache_async.errors import DiskExists, InsufficientSpace, InvalidInput, StorageError
+from pvmcache_async.locks import private_dir
+from pvmcache_async.names import MAX_DISK_NAME, temporary_disk_name
+from pvmcache_async.storage.base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+from pvmcache_async.storage.checks import check_disk_name
 
 DEFAULT_TOTAL = 1 << 40  # 1 TiB: room is no concern unless a test says so
 

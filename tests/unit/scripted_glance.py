@@ -31,7 +31,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
 from pvmcache_async.errors import ImageNotFound, IntegrityError
-from pvmcache_async.glance import Sink
+from pvmcache_async.glance.client import Sink
 from pvmcache_async.models import ImageInfo
 
 CHUNK = 16 << 10

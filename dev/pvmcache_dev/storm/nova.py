@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pvmcache_async.errors import CacheError
-from pvmcache_async.glance import GlanceClient
+from pvmcache_async.glance.client import GlanceClient
 from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX, instance_disk_name
 from pvmcache_async.storage import open_vg
 from pvmcache_async.transfer import ImageCache

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvmcache_async.direct import stream_disk
-from pvmcache_async.glance import DownloadTuning, GlanceClient, Sink
+from pvmcache_async.core.direct import stream_disk
+from pvmcache_async.glance.client import DownloadTuning, GlanceClient, Sink
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.names import cache_disk_names, instance_disk_name, partial_disk_name
 from pvmcache_async.storage.filevg import CloneMethod, FileVG, FileVGSettings

@@ -1,5 +1,5 @@
-"""``compute_driver = pvmcache_ext.fake.FakeImageCacheDriver``: see pvmcache_async.fake_driver."""
+"""``compute_driver = pvmcache_ext.fake.FakeImageCacheDriver``: pvmcache_async.nova.fake_driver."""
 
-from pvmcache_async.fake_driver import FakeImageCacheDriver
+from pvmcache_async.nova.fake_driver import FakeImageCacheDriver
 
 __all__ = ["FakeImageCacheDriver"]

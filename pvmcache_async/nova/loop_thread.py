@@ -21,8 +21,8 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from . import aio
-from .errors import CacheError
+from pvmcache_async import aio
+from pvmcache_async.errors import CacheError
 
 T = TypeVar("T")
 

@@ -26,9 +26,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidInput
-from .locks import FileLock, private_dir, try_or_skip
-from .names import validate_image_id
+from pvmcache_async.errors import InvalidInput
+from pvmcache_async.locks import FileLock, private_dir, try_or_skip
+from pvmcache_async.names import validate_image_id
 
 
 @dataclass(slots=True)

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import InvalidInput, StorageError
-from .index import BadRow, Index
-from .models import CacheEntry, EntryState
-from .names import is_cache_disk_name, is_cache_disk_name_of, validate_image_id
-from .storage import DiskIdentity, VolumeGroup
+from pvmcache_async.core.index import BadRow, Index
+from pvmcache_async.errors import InvalidInput, StorageError
+from pvmcache_async.models import CacheEntry, EntryState
+from pvmcache_async.names import is_cache_disk_name, is_cache_disk_name_of, validate_image_id
+from pvmcache_async.storage import DiskIdentity, VolumeGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -46,11 +46,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InsufficientSpace, InvalidInput, ReadOnly, StorageError, shown
-from .glance import MAX_IMAGE_SIZE
-from .models import CacheEntry, EntryState
-from .names import validate_image_id
-from .statefiles import read_only
+from pvmcache_async.core.statefiles import read_only
+from pvmcache_async.errors import InsufficientSpace, InvalidInput, ReadOnly, StorageError, shown
+from pvmcache_async.glance.client import MAX_IMAGE_SIZE
+from pvmcache_async.models import CacheEntry, EntryState
+from pvmcache_async.names import validate_image_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (

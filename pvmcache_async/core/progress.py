@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput, StorageError, shown
-from .glance import Sink
-from .locks import private_dir
-from .names import validate_image_id
-from .statefiles import open_directory, read_json, warn_once
+from pvmcache_async.core.statefiles import open_directory, read_json, warn_once
+from pvmcache_async.errors import InvalidInput, StorageError, shown
+from pvmcache_async.glance.client import Sink
+from pvmcache_async.locks import private_dir
+from pvmcache_async.names import validate_image_id
 
 __all__ = [
     "RECORD_INTERVAL",

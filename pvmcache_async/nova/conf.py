@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
-from .glance import DEFAULT_READ_TIMEOUT
-from .transfer import CacheSettings
+from pvmcache_async.glance.client import DEFAULT_READ_TIMEOUT
+from pvmcache_async.transfer import CacheSettings
 
 GROUP = "pvmcache"
 _DEFAULTS = CacheSettings()

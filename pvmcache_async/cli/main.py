@@ -27,13 +27,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import aio, auth, display
-from .errors import CacheError, InvalidInput, shown
-from .glance import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy, redact_url
-from .models import CacheEntry
-from .names import InstanceDisks, validate_instance_uuid
-from .storage import check_vg_spec, default_vg_spec, open_vg
-from .transfer import CacheSettings, ImageCache
+from pvmcache_async import aio
+from pvmcache_async.cli import auth, display
+from pvmcache_async.errors import CacheError, InvalidInput, shown
+from pvmcache_async.glance.client import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy, redact_url
+from pvmcache_async.models import CacheEntry
+from pvmcache_async.names import InstanceDisks, validate_instance_uuid
+from pvmcache_async.storage import check_vg_spec, default_vg_spec, open_vg
+from pvmcache_async.transfer import CacheSettings, ImageCache
 
 PROG = "pvmcache-async"
 log = logging.getLogger(PROG)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .aio import finish
-from .errors import StorageError
-from .storage import PartialDisk
+from pvmcache_async.aio import finish
+from pvmcache_async.errors import StorageError
+from pvmcache_async.storage import PartialDisk
 
 log = logging.getLogger(__name__)
 

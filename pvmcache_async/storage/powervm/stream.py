@@ -12,7 +12,7 @@ import collections
 import contextlib
 import threading
 
-from ..errors import InvalidInput, StorageError
+from pvmcache_async.errors import InvalidInput, StorageError
 
 
 class StreamBuffer:

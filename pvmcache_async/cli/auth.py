@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import AuthError, InvalidInput, NoGlanceEndpoint
-from .glance import redact_url
+from pvmcache_async.errors import AuthError, InvalidInput, NoGlanceEndpoint
+from pvmcache_async.glance.client import redact_url
 
 __all__ = ["GlanceAccess", "add_arguments", "glance_access", "uses_keystone"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import nova.virt.node
 from nova.virt import fake
 
-from .driver_hook import ImageCacheDriverMixin, build_errors
+from pvmcache_async.driver_hook import ImageCacheDriverMixin, build_errors
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInput, StorageError
-from .checks import cause
+from pvmcache_async.errors import InvalidInput, StorageError
+from pvmcache_async.storage.checks import cause
 
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")

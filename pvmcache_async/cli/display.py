@@ -30,10 +30,10 @@ from typing import IO, Any, Literal, TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
-from .errors import CacheError, InvalidInput
-from .models import CacheEntry, DeployResult, EnsureResult, EntryState
-from .names import validate_image_id
-from .progress import ProgressBoard, ProgressRecord, writer_alive
+from pvmcache_async.core.progress import ProgressBoard, ProgressRecord, writer_alive
+from pvmcache_async.errors import CacheError, InvalidInput
+from pvmcache_async.models import CacheEntry, DeployResult, EnsureResult, EntryState
+from pvmcache_async.names import validate_image_id
 
 __all__ = [
     "Display",

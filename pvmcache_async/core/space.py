@@ -7,10 +7,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .errors import InsufficientSpace
-from .glance import Sink
-from .models import ImageInfo
-from .storage import VolumeGroup
+from pvmcache_async.errors import InsufficientSpace
+from pvmcache_async.glance.client import Sink
+from pvmcache_async.models import ImageInfo
+from pvmcache_async.storage import VolumeGroup
 
 
 @dataclass(slots=True)

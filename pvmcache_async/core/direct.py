@@ -12,16 +12,16 @@ is discarded, so nothing unverified is ever visible under the instance's disk na
 
 from __future__ import annotations
 
-from .aio import finish
-from .errors import DiskExists, check_disk_fits
-from .glance import GlanceClient
-from .names import (
+from pvmcache_async.aio import finish
+from pvmcache_async.errors import DiskExists, check_disk_fits
+from pvmcache_async.glance.client import GlanceClient
+from pvmcache_async.names import (
     instance_disk_name,
     partial_disk_name,
     validate_image_id,
     validate_instance_uuid,
 )
-from .storage import VolumeGroup
+from pvmcache_async.storage import VolumeGroup
 
 
 async def stream_disk(

@@ -16,11 +16,11 @@ import logging
 import time
 from dataclasses import replace
 
-from .catalog import Catalog, Trust
-from .models import CacheEntry, EntryState
-from .names import MAX_CACHE_NAMES, cache_disk_names
-from .progress import discard_record
-from .storage import VolumeGroup
+from pvmcache_async.core.catalog import Catalog, Trust
+from pvmcache_async.core.progress import discard_record
+from pvmcache_async.models import CacheEntry, EntryState
+from pvmcache_async.names import MAX_CACHE_NAMES, cache_disk_names
+from pvmcache_async.storage import VolumeGroup
 
 log = logging.getLogger(__name__)
 

@@ -45,13 +45,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import CacheError, DiskExists, InsufficientSpace, InvalidInput, StorageError
-from ..locks import FileLock, OwnerLocks, SharedRead, private_dir
-from ..names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
-from .base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
-from .checks import cause, check_disk_name, storage_error
-from .powervm_spec import DEFAULT_BUFFER, connect, parse_spec
-from .powervm_stream import StreamBuffer
+from pvmcache_async.errors import (
+    CacheError,
+    DiskExists,
+    InsufficientSpace,
+    InvalidInput,
+    StorageError,
+)
+from pvmcache_async.locks import FileLock, OwnerLocks, SharedRead, private_dir
+from pvmcache_async.names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
+from pvmcache_async.storage.base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+from pvmcache_async.storage.checks import cause, check_disk_name, storage_error
+from pvmcache_async.storage.powervm.spec import DEFAULT_BUFFER, connect, parse_spec
+from pvmcache_async.storage.powervm.stream import StreamBuffer
 
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")

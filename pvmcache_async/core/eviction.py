@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidInput
-from .models import CacheEntry
+from pvmcache_async.errors import InvalidInput
+from pvmcache_async.models import CacheEntry
 
 
 @dataclass(frozen=True, slots=True)

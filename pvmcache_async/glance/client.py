@@ -42,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import yarl
 
-from .errors import (
+from pvmcache_async.errors import (
     GlanceError,
     ImageNotFound,
     ImageUnavailable,
@@ -50,7 +50,7 @@ from .errors import (
     InvalidInput,
     shown,
 )
-from .models import ImageInfo
+from pvmcache_async.models import ImageInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -15,18 +15,18 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from .aio import finish
-from .catalog import Catalog
-from .errors import DiskExists, NoGlanceEndpoint, StorageError
-from .glance import GlanceClient
-from .image_locks import ImageLocks
-from .models import CacheEntry, EntryState, ImageInfo, Outcome
-from .names import MAX_CACHE_NAMES, cache_disk_names, partial_disk_name
-from .progress import ProgressBoard
-from .recovery import Recovery
-from .space import CountedSink, SpaceClaims
-from .storage import DiskIdentity, PartialDisk, VolumeGroup
-from .tee import TeeSink, TeeTarget
+from pvmcache_async.aio import finish
+from pvmcache_async.core.catalog import Catalog
+from pvmcache_async.core.image_locks import ImageLocks
+from pvmcache_async.core.progress import ProgressBoard
+from pvmcache_async.core.recovery import Recovery
+from pvmcache_async.core.space import CountedSink, SpaceClaims
+from pvmcache_async.core.tee import TeeSink, TeeTarget
+from pvmcache_async.errors import DiskExists, NoGlanceEndpoint, StorageError
+from pvmcache_async.glance.client import GlanceClient
+from pvmcache_async.models import CacheEntry, EntryState, ImageInfo, Outcome
+from pvmcache_async.names import MAX_CACHE_NAMES, cache_disk_names, partial_disk_name
+from pvmcache_async.storage import DiskIdentity, PartialDisk, VolumeGroup
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The operators' command line: its commands, keystone sessions and progress display."""

@@ -1,0 +1,1 @@
+"""The cache's own logic: the miss path, per-image locks, the index, room, eviction."""

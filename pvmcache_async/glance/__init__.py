@@ -1,0 +1,1 @@
+"""The Glance v2 client: image records, streamed and verified downloads, retries."""

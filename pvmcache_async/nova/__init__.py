@@ -1,0 +1,1 @@
+"""nova-compute integration: the [pvmcache] options, the loop thread, the fake driver."""

@@ -1,0 +1,1 @@
+"""The PowerVM volume group backend, on pypowervm."""
