@@ -41,7 +41,8 @@ from pvmcache_async.errors import (
     InvalidInput,
     NoGlanceEndpoint,
 )
-from pvmcache_async.glance.client import GlanceClient, redact_url
+from pvmcache_async.glance.client import GlanceClient
+from pvmcache_async.glance.urls import redact_url
 from pvmcache_async.models import CacheEntry, DeployResult, EntryState, Outcome, PruneResult
 from pvmcache_async.names import instance_disk_name, validate_image_id, validate_instance_uuid
 from pvmcache_async.nova import conf as pvm_conf

@@ -33,7 +33,8 @@ from pvmcache_async import (
     IntegrityError,
     Outcome,
 )
-from pvmcache_async.glance.client import RetryPolicy, parse_image
+from pvmcache_async.glance.records import parse_image
+from pvmcache_async.glance.retry import RetryPolicy
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async import GlanceClient, GlanceError, ImageCache, InvalidInput
-from pvmcache_async.glance import client as glance
-from pvmcache_async.glance.client import RetryPolicy
+from pvmcache_async.glance.retry import RetryPolicy
+from pvmcache_async.glance.urls import redact_url
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer
 from pvmcache_dev.keystone import Credentials, KeystoneServer
@@ -207,7 +207,7 @@ IN_URL = [f"/?token={SECRET}", f"/v2#{SECRET}", f"/?token={SECRET}#frag", f"?a=b
 @pytest.mark.parametrize("tail", IN_URL)
 def test_redact_url_cuts_every_url_in_a_text_to_its_origin_and_path(tail: str) -> None:
     text = f"talking to http://admin:{PASSWORD}@127.0.0.1:9292{tail} failed; see //h{tail} too"
-    redacted = glance.redact_url(text)
+    redacted = redact_url(text)
     assert SECRET not in redacted and PASSWORD not in redacted
     path = tail.partition("?")[0].partition("#")[0]
     assert redacted == f"talking to http://127.0.0.1:9292{path} failed; see //h{path} too"

@@ -31,7 +31,7 @@ from pvmcache_async import (
     IntegrityError,
     Outcome,
 )
-from pvmcache_async.glance.client import RetryPolicy
+from pvmcache_async.glance.retry import RetryPolicy
 from pvmcache_async.locks import FileLock
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer

@@ -7,7 +7,7 @@ session it makes authenticates, finds Glance in the catalog (``--os-region-name`
 request, so a download or a resume that outlives one token still succeeds. ``--glance-url``
 and ``--token`` override the catalog and the session's token.
 
-Nothing secret reaches a message: errors name the auth URL (cut by ``glance.redact_url``: no
+Nothing secret reaches a message: errors name the auth URL (cut by ``glance.urls.redact_url``: no
 userinfo, query or fragment) and the user, never a password or a token. A renewal is one
 blocking request to keystone, made by the session once per token lifetime (keystoneauth
 renews two minutes before the expiry).
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pvmcache_async.errors import AuthError, InvalidInput, NoGlanceEndpoint
-from pvmcache_async.glance.client import redact_url
+from pvmcache_async.glance.urls import redact_url
 
 __all__ = ["GlanceAccess", "add_arguments", "glance_access", "uses_keystone"]
 

@@ -30,7 +30,9 @@ from typing import Any, NoReturn, TypeVar
 from pvmcache_async import aio
 from pvmcache_async.cli import auth, display
 from pvmcache_async.errors import CacheError, InvalidInput, shown
-from pvmcache_async.glance.client import DEFAULT_READ_TIMEOUT, GlanceClient, RetryPolicy, redact_url
+from pvmcache_async.glance.client import DEFAULT_READ_TIMEOUT, GlanceClient
+from pvmcache_async.glance.retry import RetryPolicy
+from pvmcache_async.glance.urls import redact_url
 from pvmcache_async.models import CacheEntry
 from pvmcache_async.names import InstanceDisks, validate_instance_uuid
 from pvmcache_async.storage import check_vg_spec, default_vg_spec, open_vg

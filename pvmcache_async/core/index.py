@@ -48,7 +48,7 @@ from pathlib import Path
 
 from pvmcache_async.core.statefiles import read_only
 from pvmcache_async.errors import InsufficientSpace, InvalidInput, ReadOnly, StorageError, shown
-from pvmcache_async.glance.client import MAX_IMAGE_SIZE
+from pvmcache_async.glance.records import MAX_IMAGE_SIZE
 from pvmcache_async.models import CacheEntry, EntryState
 from pvmcache_async.names import validate_image_id
 

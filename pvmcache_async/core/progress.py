@@ -32,9 +32,9 @@ from typing import Any
 
 from pvmcache_async.core.statefiles import open_directory, read_json, warn_once
 from pvmcache_async.errors import InvalidInput, StorageError, shown
-from pvmcache_async.glance.client import Sink
 from pvmcache_async.locks import private_dir
 from pvmcache_async.names import validate_image_id
+from pvmcache_async.storage.base import Sink
 
 __all__ = [
     "RECORD_INTERVAL",

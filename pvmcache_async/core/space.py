@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pvmcache_async.errors import InsufficientSpace
-from pvmcache_async.glance.client import Sink
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.storage import VolumeGroup
+from pvmcache_async.storage.base import Sink
 
 
 @dataclass(slots=True)

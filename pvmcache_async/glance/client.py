@@ -31,13 +31,12 @@ import asyncio
 import hashlib
 import logging
 import math
-import random
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import yarl
@@ -50,7 +49,11 @@ from pvmcache_async.errors import (
     InvalidInput,
     shown,
 )
+from pvmcache_async.glance.records import parse_image
+from pvmcache_async.glance.retry import RetryPolicy
+from pvmcache_async.glance.urls import endpoint_url, origin_of, redact_url
 from pvmcache_async.models import ImageInfo
+from pvmcache_async.storage.base import Sink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,44 +61,10 @@ T = TypeVar("T")
 DEFAULT_CHUNK_SIZE = 2 << 20  # why not larger: benchmarks/README.md (peak RSS)
 DEFAULT_READ_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
-MAX_IMAGE_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt record, not an image
-MAX_URL_LENGTH = 2048  # an endpoint, not a payload: longer is a mistake or an attack
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_HEX = re.compile(r"[0-9a-f]+")
-_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a DNS name or an IP literal
 _TOKEN = re.compile(r"[!-~]+")  # visible ASCII: what an HTTP header value can carry as is
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How transient failures are retried.
-
-    ``retries`` is the number of failed attempts in a row after which a request gives up (the
-    CLI's ``--retries``: at least 1, the first attempt; ``retries - 1`` of them are retries).
-    An attempt that received data starts the count afresh, so a long download survives many
-    separate drops. The wait after the n-th failure is drawn from [d/2, d] with
-    d = ``backoff`` * 2**(n-1), capped at ``max_backoff`` (a server's ``Retry-After``
-    lengthens it up to that cap).
-    """
-
-    retries: int = 5
-    backoff: float = 0.5
-    max_backoff: float = 20.0
-
-    def __post_init__(self) -> None:
-        if self.retries < 1 or self.backoff < 0 or self.max_backoff < self.backoff:
-            raise InvalidInput(
-                "retries must be at least 1, backoff not negative, max_backoff not below backoff"
-            )
-
-    def delay(self, failures: int, retry_after: float | None = None) -> float:
-        ceiling = min(self.max_backoff, self.backoff * 2 ** min(failures - 1, 30))
-        wait = random.uniform(ceiling / 2, ceiling)  # jitter: a storm's retries spread out
-        if retry_after is not None:
-            wait = max(wait, min(retry_after, self.max_backoff))
-        return wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,146 +101,6 @@ class _TransientStatus(GlanceError):
     def __init__(self, message: str, *, image_id: str, status: int, retry_after: float | None):
         self.retry_after = retry_after
         super().__init__(message, image_id=image_id, status=status)
-
-
-class Sink(Protocol):
-    """Where ``download`` puts the bytes (a ``storage.PartialDisk`` is one)."""
-
-    async def write(self, chunk: bytes) -> None: ...
-
-    async def rewind(self) -> None: ...
-
-
-def parse_image(image_id: str, record: object) -> ImageInfo:
-    """Validate a Glance v2 image record for caching; raise a clear error if it cannot be."""
-    if not isinstance(record, dict):
-        raise GlanceError(
-            "Glance sent an image record that is not a JSON object", image_id=image_id
-        )
-    if record.get("id", image_id) != image_id:
-        raise GlanceError(
-            f"Glance sent the record of another image ({record.get('id')!r})", image_id=image_id
-        )
-    status = record.get("status")
-    if status != "active":
-        raise ImageUnavailable(f"is {status!r} in Glance, not 'active'", image_id=image_id)
-    disk_format = record.get("disk_format")
-    if disk_format != "raw":
-        raise ImageUnavailable(
-            f"has disk_format {disk_format!r}; only 'raw' images can be cached", image_id=image_id
-        )
-    size = record.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size > MAX_IMAGE_SIZE:
-        raise GlanceError(f"Glance gave an invalid size {size!r}", image_id=image_id)
-    if size == 0:
-        raise ImageUnavailable("has no data (size 0)", image_id=image_id)
-    algo, digest = _digest_of(image_id, record)
-    name = record.get("name")
-    return ImageInfo(
-        id=image_id,
-        name=name if isinstance(name, str) else None,
-        size=size,
-        digest_algo=algo,
-        digest=digest,
-    )
-
-
-def _digest_of(image_id: str, record: dict[str, Any]) -> tuple[str, str]:
-    """(algorithm, hex digest) to verify the data against.
-
-    ``os_hash_algo``/``os_hash_value`` when Glance gives either (any algorithm hashlib has,
-    checked against its digest size); md5 ``checksum`` only when Glance gives neither
-    (images uploaded before Glance had them). Never a silent fall back to md5.
-    """
-    algo, value = record.get("os_hash_algo"), record.get("os_hash_value")
-    if algo is None and value is None:
-        algo, value, field = "md5", record.get("checksum"), "checksum"
-        if value is None:
-            raise ImageUnavailable(
-                "has no checksum (neither os_hash_value nor checksum) to verify against",
-                image_id=image_id,
-            )
-    else:
-        field = "os_hash_value"
-        if not isinstance(algo, str):
-            raise ImageUnavailable(
-                f"has an os_hash_value but no usable os_hash_algo ({shown(algo)})",
-                image_id=image_id,
-            )
-    try:
-        size = hashlib.new(algo).digest_size
-    except (ValueError, TypeError):
-        size = 0
-    if size == 0:  # unknown, or a variable-length digest (shake_*) with no length to check
-        raise ImageUnavailable(
-            f"Glance hashes it with os_hash_algo {shown(algo)}, which this host's hashlib "
-            "cannot compute: its data cannot be verified",
-            image_id=image_id,
-        )
-    if not isinstance(value, str) or len(value) != 2 * size or not _HEX.fullmatch(value.lower()):
-        raise ImageUnavailable(
-            f"has no usable {field}: {shown(value)} is not a {algo} digest ({2 * size} hex digits)",
-            image_id=image_id,
-        )
-    return algo, value.lower()
-
-
-_AFTER_SLASHES = re.compile(r"//(\S*)")  # a URL's authority on, to the next white space
-_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
-
-
-def redact_url(text: str) -> str:
-    """``text`` with every URL in it cut to its scheme, host, port and path: no userinfo
-    (``user:password@``), no query (``?token=...``) and no fragment, any of which may carry
-    a secret. Every message and log line that echoes a URL passes it through here first."""
-
-    def cut(match: re.Match[str]) -> str:
-        # from the last "@": a password may hold "/", "?" or "#" that would end the authority
-        rest = match[1].rpartition("@")[2]
-        return "//" + _QUERY_OR_FRAGMENT.split(rest, maxsplit=1)[0]
-
-    return _AFTER_SLASHES.sub(cut, text)
-
-
-def endpoint_url(url: str) -> yarl.URL:
-    """The Glance endpoint ``url`` parsed and checked, or InvalidInput saying what is wrong.
-
-    An http(s) URL with a host, an optional port and path, no query or fragment, and no user
-    name or password (refused, not stripped: Glance authenticates with a token, and the
-    operator should know the credentials went nowhere). No message echoes userinfo, a query
-    or a fragment (``redact_url``).
-    """
-    if len(url) > MAX_URL_LENGTH:
-        raise InvalidInput(
-            f"Glance URL is {len(url)} characters long; at most {MAX_URL_LENGTH} are accepted"
-        )
-    echo = shown(redact_url(url))
-    try:
-        base = yarl.URL(url.rstrip("/"))
-        port = base.port
-        host = base.raw_host
-    except (ValueError, UnicodeError) as exc:
-        raise InvalidInput(
-            f"Glance URL {echo} is not a valid URL ({redact_url(str(exc))})"
-        ) from None
-    if base.scheme not in ("http", "https") or not host:
-        raise InvalidInput(f"Glance URL {echo} is not an http:// or https:// URL")
-    if base.user is not None or base.password is not None:
-        raise InvalidInput(
-            f"Glance URL {echo} has a user name or password in it; "
-            "Glance takes a token (--token, OS_AUTH_TOKEN), never credentials in the URL"
-        )
-    if not _HOST.fullmatch(host) or len(host) > 253 or max(map(len, host.split("."))) > 63:
-        raise InvalidInput(f"Glance URL {echo} does not have a valid host name")
-    if not port:
-        raise InvalidInput(f"Glance URL {echo} has port 0")
-    if base.query_string or base.fragment:
-        raise InvalidInput(f"Glance URL {echo} has a query or fragment; give the endpoint only")
-    return base
-
-
-def _origin(url: yarl.URL) -> tuple[str, str | None, int | None]:
-    return url.scheme, url.host, url.port
 
 
 class GlanceClient:
@@ -372,7 +201,7 @@ class GlanceClient:
         location = resp.headers.get("Location", "")
         try:
             target = resp.url.join(yarl.URL(location)).with_user(None)
-            origin = _origin(target)
+            origin = origin_of(target)
         except (ValueError, UnicodeError):
             target, origin = None, None
         if not location or target is None or not target.host:
@@ -382,7 +211,7 @@ class GlanceClient:
                 image_id=image_id,
                 status=resp.status,
             )
-        if origin != _origin(self.url):
+        if origin != origin_of(self.url):
             raise GlanceError(
                 f"Glance redirected the {what} request to {target.origin()}, another origin "
                 f"than {self.url.origin()}; not followed, so the token is not sent there",

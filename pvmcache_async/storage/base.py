@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,14 @@ class DiskIdentity:
 class Capacity:
     total: int  # bytes
     free: int  # bytes
+
+
+class Sink(Protocol):
+    """Where ``download`` puts the bytes (a ``storage.PartialDisk`` is one)."""
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def rewind(self) -> None: ...
 
 
 class PartialDisk(abc.ABC):

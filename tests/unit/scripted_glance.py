@@ -31,8 +31,8 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
 from pvmcache_async.errors import ImageNotFound, IntegrityError
-from pvmcache_async.glance.client import Sink
 from pvmcache_async.models import ImageInfo
+from pvmcache_async.storage.base import Sink
 
 CHUNK = 16 << 10
 

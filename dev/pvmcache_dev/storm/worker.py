@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from pvmcache_async.core.direct import stream_disk
-from pvmcache_async.glance.client import DownloadTuning, GlanceClient, Sink
+from pvmcache_async.glance.client import DownloadTuning, GlanceClient
 from pvmcache_async.models import ImageInfo
 from pvmcache_async.names import cache_disk_names, instance_disk_name, partial_disk_name
+from pvmcache_async.storage.base import Sink
 from pvmcache_async.storage.filevg import CloneMethod, FileVG, FileVGSettings
 from pvmcache_async.transfer import CacheSettings, ImageCache
 
