@@ -122,7 +122,8 @@ _CLONE_HELPER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from pvmcache_async.storage.filevg import FileVG, create_owned
+    from pvmcache_async.storage.filevg import FileVG
+    from pvmcache_async.storage.fileio import create_owned
 
     vg = FileVG(Path(sys.argv[1]))
     tmp = vg.path_of("t_0123456789abc")

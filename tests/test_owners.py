@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX, is_temporary_name
-from pvmcache_async.storage.filevg import HOLE_BLOCK, FileVG, probe_reflink
+from pvmcache_async.storage.fileio import HOLE_BLOCK
+from pvmcache_async.storage.filevg import FileVG, probe_reflink
 from pvmcache_dev.glance import GlanceServer
 
 from .faultproxy import ThreadedFaultProxy, stall

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from pvmcache_async.errors import InvalidInput, StorageError
-from pvmcache_async.storage import filevg
-from pvmcache_async.storage.filevg import HOLE_BLOCK, CloneMethod, FileVG, FileVGSettings
+from pvmcache_async.storage import fileio
+from pvmcache_async.storage.fileio import HOLE_BLOCK
+from pvmcache_async.storage.filevg import CloneMethod, FileVG, FileVGSettings
 
 from .support import holds
 
@@ -168,7 +169,7 @@ def test_early_writeback_is_bound_to_the_kernel_on_linux() -> None:
     # Only the binding is checked: a started writeback leaves nothing a test can see in one
     # file (the kernel's dirty and writeback counters are the whole system's); what it buys
     # is measured in benchmarks/README.md ("no early writeback").
-    assert filevg.HAVE_WRITEBACK  # else every publish would silently flush all its data
+    assert fileio.HAVE_WRITEBACK  # else every publish would silently flush all its data
 
 
 async def test_a_copy_alongside_a_download_is_offered_exactly_where_clones_are_not_reflinks(
