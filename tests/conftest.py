@@ -1,14 +1,10 @@
 """Shared fixtures: a real Glance API on loopback for the whole session, and a real Keystone
-with a Glance in its keystone flavor for the tests that authenticate.
-
-Two hooks order the layers: nova's threading mode is set up before the first test module
-outside ``tests/unit`` is imported (never for the unit layer alone), and the unit layer runs
-first."""
+with a Glance in its keystone flavor for the tests that authenticate (integration, nova and
+cloud layers; the unit layer uses none of them)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -65,24 +61,7 @@ def operator(keystone: KeystoneServer) -> Credentials:
     return keystone.add_user("operator", "demo")
 
 
-_UNIT = Path(__file__).parent / "unit"
-
-
-def pytest_collectstart(collector: pytest.Collector) -> None:
-    """Before a test module outside tests/unit is imported: nova in native threading mode
-    (see tests/__init__.py)."""
-    if isinstance(collector, pytest.Module) and _UNIT not in collector.path.parents:
-        import nova.tests.functional  # noqa: F401
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The unit layer runs first, so a broken core fails in seconds, before a server starts.
-    (``testpaths = ["tests/unit", "tests"]`` would not do it: pytest merges overlapping paths
-    and collects them in the order of the file system.)"""
-    items.sort(key=lambda item: _UNIT not in item.path.parents)  # stable: else as collected
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "nova_cloud: boots servers on a real nova cloud (tests/test_nova_cloud.py)"
+        "markers", "nova_cloud: boots servers on a real nova cloud (tests/cloud/test_nova_cloud.py)"
     )

@@ -19,7 +19,7 @@ the given steps, in order, each at a byte offset:
 
 What the client does at the HTTP level (resuming with ``Range``, retrying 5xx, redirects,
 tokens) is not here: a resume is invisible at this interface, and those are tested against a
-real Glance behind the fault proxy (tests/test_faults.py).
+real Glance behind the fault proxy (tests/integration/test_faults.py).
 """
 
 from __future__ import annotations

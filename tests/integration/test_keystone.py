@@ -15,9 +15,9 @@ import yarl
 from pvmcache_dev.glance import GlanceServer
 from pvmcache_dev.keystone import Credentials
 
-from .conftest import TOKEN_SECONDS
-from .faultproxy import ThreadedFaultProxy, stall
-from .support import disk_image, vg_files, wait_for
+from ..conftest import TOKEN_SECONDS
+from ..faultproxy import ThreadedFaultProxy, stall
+from ..support import disk_image, vg_files, wait_for
 
 MiB = 1 << 20
 

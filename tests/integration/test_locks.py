@@ -13,7 +13,7 @@ import pytest
 from pvmcache_async.errors import UntrustedFile
 from pvmcache_async.locks import FileLock, OwnerLocks, SharedRead, SingleFlight
 
-from .support import PLANTED, plant
+from ..support import PLANTED, plant
 
 
 async def test_concurrent_calls_for_one_key_share_one_execution() -> None:

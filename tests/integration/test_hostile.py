@@ -34,8 +34,8 @@ from pvmcache_async.names import PARTIAL_PREFIX, cache_disk_names, instance_disk
 from pvmcache_async.storage.filevg import FileVG, FileVGSettings
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import ThreadedFaultProxy, stall
-from .support import GatedVG, cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
+from ..faultproxy import ThreadedFaultProxy, stall
+from ..support import GatedVG, cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
 
 MiB = 1 << 20
 

@@ -36,8 +36,8 @@ from pvmcache_async.locks import FileLock
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import Fault, FaultProxy, answer, cut, flip, stall
-from .support import disk_image, vg_files
+from ..faultproxy import Fault, FaultProxy, answer, cut, flip, stall
+from ..support import disk_image, vg_files
 
 KiB = 1 << 10
 RETRY = RetryPolicy(retries=3, backoff=0.001, max_backoff=0.005)

@@ -69,7 +69,7 @@ from pvmcache_async.storage.powervm.spec import PASSWORD_ENV, connect, parse_spe
 from pvmcache_async.storage.powervm.stream import StreamBuffer
 from pvmcache_dev.glance import GlanceServer
 
-from .support import disk_image
+from ..support import disk_image
 
 MiB = 1 << 20
 VG_NAME = "image_pool"  # the VG of upload_volgrp.txt

@@ -22,8 +22,8 @@ from pvmcache_async.storage.filevg import FileVG, FileVGSettings
 from pvmcache_async.transfer import CacheSettings
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import FaultProxy, stall
-from .support import PassedPartial, disk_image, vg_files
+from ..faultproxy import FaultProxy, stall
+from ..support import PassedPartial, disk_image, vg_files
 
 MiB = 1 << 20
 

@@ -27,7 +27,7 @@ from pvmcache_async.core.index import BadRow, Index
 from pvmcache_async.names import cache_disk_names
 from pvmcache_dev.glance import GlanceServer
 
-from .support import disk_image, run_cli, vg_files
+from ..support import disk_image, run_cli, vg_files
 
 MiB = 1 << 20
 TEN_YEARS = 10 * 365 * 86400

@@ -26,11 +26,11 @@ from pvmcache_async.errors import CacheError, DiskExists, DiskTooSmall, GlanceEr
 from pvmcache_async.models import DeployResult
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import FaultProxy, ThreadedFaultProxy, stall
+from ..faultproxy import FaultProxy, ThreadedFaultProxy, stall
+from ..support import disk_image, holds, vg_files
 from .nova_support import CONF, make_instance
-from .support import disk_image, holds, vg_files
 
-pytest_plugins = ["tests.nova_support"]
+pytest_plugins = ["tests.nova.nova_support"]
 MiB = 1 << 20
 
 

@@ -26,8 +26,8 @@ import pytest
 
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import ThreadedFaultProxy, stall
-from .support import cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
+from ..faultproxy import ThreadedFaultProxy, stall
+from ..support import cli_args, cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
 from .test_progress import SIZE, Held, hold, wait_for_record
 
 MiB = 1 << 20

@@ -13,7 +13,7 @@ import pytest
 
 from pvmcache_dev.glance import GlanceServer
 
-from .support import disk_image, vg_files
+from ..support import disk_image, vg_files
 
 MiB = 1 << 20
 

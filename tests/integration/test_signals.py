@@ -26,8 +26,8 @@ import pytest
 from pvmcache_async.names import PARTIAL_PREFIX
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import ThreadedFaultProxy, stall
-from .support import disk_image, vg_files
+from ..faultproxy import ThreadedFaultProxy, stall
+from ..support import disk_image, vg_files
 
 MiB = 1 << 20
 SIGNALS = [signal.SIGINT, signal.SIGTERM]

@@ -14,7 +14,7 @@ from pvmcache_async.storage import fileio
 from pvmcache_async.storage.fileio import HOLE_BLOCK
 from pvmcache_async.storage.filevg import CloneMethod, FileVG, FileVGSettings
 
-from .support import holds
+from ..support import holds
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -87,7 +87,7 @@ async def test_a_partial_disk_takes_its_room_up_front_and_gives_zero_runs_back(
         pytest.skip("this filesystem cannot reserve room (fallocate) or punch holes")
     data = _image(4)
     partial = await vg.create_partial("p_r", len(data))
-    # all of it, before a byte arrived (tests/test_faults.py shows another process see it)
+    # all of it, before a byte arrived (integration/test_faults.py shows another process see it)
     assert os.stat(tmp_path / "p_r").st_blocks * 512 >= len(data)
     for i in range(0, len(data), MiB):
         await partial.write(data[i : i + MiB])

@@ -25,7 +25,7 @@ from pvmcache_async.errors import DiskTooSmall
 from pvmcache_async.storage.filevg import FileVG, FileVGSettings
 from pvmcache_dev.glance import GlanceServer
 
-from .support import GatedVG, disk_image, holds, vg_files
+from ..support import GatedVG, disk_image, holds, vg_files
 
 MiB = 1 << 20
 

@@ -20,8 +20,8 @@ from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer
 from pvmcache_dev.keystone import Credentials, KeystoneServer
 
-from .faultproxy import FaultProxy, redirect
-from .support import disk_image, vg_files
+from ..faultproxy import FaultProxy, redirect
+from ..support import disk_image, vg_files
 
 MiB = 1 << 20
 TOKEN = "tok-" + uuid.uuid4().hex
@@ -178,7 +178,7 @@ def test_the_cli_refuses_a_glance_url_with_a_password_and_never_prints_it(
 def test_debug_output_of_a_redirected_download_holds_neither_token(
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:
-    from .faultproxy import ThreadedFaultProxy
+    from ..faultproxy import ThreadedFaultProxy
 
     img = glance_server.create_image(disk_image(MiB, seed=73))
     with ThreadedFaultProxy(glance_server.url) as proxy:

@@ -18,10 +18,10 @@ from pvmcache_async.names import instance_disk_name, partial_disk_name
 from pvmcache_async.nova.fake_driver import FakeImageCacheDriver
 from pvmcache_dev.glance import GlanceServer
 
+from ..support import disk_image, vg_files
 from .nova_support import CONF, make_instance
-from .support import disk_image, vg_files
 
-pytest_plugins = ["tests.nova_support"]
+pytest_plugins = ["tests.nova.nova_support"]
 MiB = 1 << 20
 DRIVER = "pvmcache_ext.fake.FakeImageCacheDriver"
 

@@ -39,8 +39,8 @@ from pvmcache_async.models import ImageInfo
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import FaultProxy, ThreadedFaultProxy, answer, cut, flip, ignore_range, stall
-from .support import disk_image, vg_files
+from ..faultproxy import FaultProxy, ThreadedFaultProxy, answer, cut, flip, ignore_range, stall
+from ..support import disk_image, vg_files
 
 MiB = 1 << 20
 CHUNK = 64 << 10

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # What a build must not see: virtualenvs (symlinks here), git, caches, earlier builds.
 _NOT_SOURCE = shutil.ignore_patterns(
     ".venv*", ".git", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "out"

@@ -28,8 +28,8 @@ from pvmcache_async.nova import conf as pvm_conf
 from pvmcache_async.nova.fake_driver import FakeImageCacheDriver
 from pvmcache_dev.glance import GlanceServer
 
+from ..support import disk_image, holds, vg_files
 from .nova_support import age
-from .support import disk_image, holds, vg_files
 
 CONF = nova.conf.CONF
 MiB, GiB = 1 << 20, 1 << 30

@@ -26,8 +26,8 @@ import pytest
 from pvmcache_async.core.progress import ProgressBoard, ProgressRecord, read_record
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import ThreadedFaultProxy, stall
-from .support import disk_image, vg_files
+from ..faultproxy import ThreadedFaultProxy, stall
+from ..support import disk_image, vg_files
 
 MiB = 1 << 20
 SIZE = 8 * MiB

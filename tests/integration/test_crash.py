@@ -21,8 +21,8 @@ from pathlib import Path
 from pvmcache_async.names import CLONE_PREFIX, PARTIAL_PREFIX
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import ThreadedFaultProxy, stall
-from .support import cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
+from ..faultproxy import ThreadedFaultProxy, stall
+from ..support import cli_env, disk_image, run_cli, start_cli, vg_files, wait_for
 
 MiB = 1 << 20
 

@@ -27,8 +27,8 @@ from pvmcache_async.storage.fileio import HOLE_BLOCK
 from pvmcache_async.storage.filevg import FileVG, probe_reflink
 from pvmcache_dev.glance import GlanceServer
 
-from .faultproxy import ThreadedFaultProxy, stall
-from .support import PLANTED, disk_image, plant, run_cli, start_cli, vg_files, wait_for
+from ..faultproxy import ThreadedFaultProxy, stall
+from ..support import PLANTED, disk_image, plant, run_cli, start_cli, vg_files, wait_for
 
 MiB = 1 << 20
 

@@ -22,10 +22,10 @@ from pvmcache_async.names import cache_disk_names, partial_disk_name
 from pvmcache_async.storage.filevg import FileVG
 from pvmcache_dev.glance import GlanceServer
 
+from ..support import disk_image, vg_files
 from .nova_support import CONF, age, destroy_all, host_instances, make_instance
-from .support import disk_image, vg_files
 
-pytest_plugins = ["tests.nova_support"]
+pytest_plugins = ["tests.nova.nova_support"]
 MiB = 1 << 20
 DAY = 86400.0
 

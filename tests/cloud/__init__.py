@@ -1,0 +1,1 @@
+"""The real nova cloud on loopback (root: RabbitMQ, MariaDB, nova services)."""

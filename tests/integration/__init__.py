@@ -1,0 +1,1 @@
+"""Tests with real processes, files and servers (Glance, Keystone); no nova."""
