@@ -16,6 +16,7 @@ path's filesystem cannot be written at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["MAX_DEPTH", "open_directory", "read_json", "read_only", "warn_once"]
+__all__ = ["MAX_DEPTH", "open_directory", "read_json", "read_only", "warn_once", "write_json"]
 
 T = TypeVar("T")
 MAX_DEPTH = 8  # of arrays and objects in one file: our records are flat
@@ -169,6 +170,27 @@ def read_json(
     with _warned_lock:
         _warned.difference_update((str(path), str(directory)))
     return value
+
+
+def write_json(directory: Path, name: str, value: dict[str, Any]) -> None:
+    """Replace file ``name`` of ``directory`` with ``value`` as JSON, atomically and inside the
+    real directory (opened as ``open_directory`` opens it): written to a fresh temporary of
+    this writer's own (``O_EXCL|O_NOFOLLOW``), then renamed over the name, which replaces a
+    link planted there rather than writing through it. OSError when it cannot be written."""
+    fd = open_directory(directory)
+    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=fd)  # this writer's own name: a leftover of its pid's
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        out = os.open(tmp, flags, 0o600, dir_fd=fd)
+        try:
+            os.write(out, json.dumps(value).encode())
+        finally:
+            os.close(out)
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def _warn(what: str, path: Path, problem: str, *, key: Path | None = None) -> None:

@@ -14,7 +14,9 @@ import asyncio
 import copy
 import dataclasses
 import json
+import logging
 import math
+import os
 import re
 import threading
 import time
@@ -1297,3 +1299,47 @@ async def test_a_lost_index_is_rebuilt_from_the_disks_labels(
     assert deployed.outcome is Outcome.HIT
     assert pvm.content(deployed.disk) == data
     assert glance_server.file_requests(image) == 1
+
+
+@pytest.mark.parametrize("plant", ["dev-zero link", "fifo", "deep json", "future time"])
+async def test_planted_powervm_state_records_are_one_warning_never_a_hang_or_a_crash(
+    cache: ImageCache,
+    vg: PowerVMVG,
+    pvm: FakePowerVM,
+    glance_server: GlanceServer,
+    caplog: pytest.LogCaptureFixture,
+    plant: str,
+) -> None:
+    image = glance_server.create_image(disk_image(MiB, seed=78))
+    await cache.ensure(image)
+    instance = str(uuid.uuid4())
+    pvm.copy_times_out = True
+    with pytest.raises(StorageError, match="timed out"):
+        await cache.deploy(image, instance)
+    disk = instance_disk_name(instance)
+    # what an operator (or an attacker with the state directory) leaves in place of records
+    records = [vg.state_dir / "timed_out" / f"{disk}.json"]
+    records += list((vg.state_dir / "disks").glob("*.json"))  # the exact sizes of our disks
+    for record in records:
+        record.unlink()
+        if plant == "dev-zero link":
+            os.symlink("/dev/zero", record)
+        elif plant == "fifo":
+            os.mkfifo(record)
+        elif plant == "deep json":
+            record.write_text("[" * 200_000 + "]" * 200_000)
+        else:
+            record.write_text(json.dumps({"seen": 1e300, "udid": "x", "size": 1}))
+
+    with caplog.at_level(logging.WARNING):
+        swept = await asyncio.wait_for(vg.remove_dead_temporaries(), 60)
+        listed = await asyncio.wait_for(vg.list_disks(), 60)
+    entry = await cache.ensure(image)  # a hit: the cache disk is listed and used still
+    assert entry.outcome is Outcome.HIT and entry.cache_disk in {d.name for d in listed}
+    if plant == "future time":  # counted from now: not removed at once, and not immune
+        assert swept == [] and disk in pvm.names()
+        marked = json.loads((vg.state_dir / "timed_out" / f"{disk}.json").read_text())
+        assert marked["seen"] <= time.time()
+    else:  # unreadable: the mark counts as old, so the disk goes; one warning per file
+        assert swept == [disk]
+        assert any("ignored, as if absent" in r.getMessage() for r in caplog.records)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pvmcache_async.core.statefiles import read_json, write_json
 from pvmcache_async.errors import (
     CacheError,
     DiskExists,
@@ -103,6 +103,22 @@ def _status(exc: BaseException) -> int | None:
 
 def _is_etag_mismatch(exc: BaseException) -> bool:
     return _status(exc) == ETAG_MISMATCH
+
+
+_RECORD_CAP = 4096  # bytes: the state records here are a few fields each
+
+
+def _read_record(directory: Path, name: str, what: str) -> dict[str, Any] | None:
+    """A record of this state directory, read as every state file is (``statefiles``)."""
+    return read_json(directory, f"{name}.json", dict, what=what, cap=_RECORD_CAP)
+
+
+def _seen(record: dict[str, Any]) -> float:
+    """A record's ``seen`` time, 0 where it is not a finite number (so it counts as old)."""
+    seen = record.get("seen")
+    if isinstance(seen, bool) or not isinstance(seen, int | float) or not math.isfinite(seen):
+        return 0.0
+    return float(seen)
 
 
 def open_powervm_vg(rest: str) -> PowerVMVG:
@@ -448,15 +464,13 @@ class PowerVMVG(VolumeGroup):
         now = time.time()
         old = []
         for name in sorted(set(disks) - set(owned)):
-            record = self._strays / f"{name}.json"
-            try:
-                first = json.loads(record.read_text())
-            except (OSError, ValueError):
-                first = None
-            if not isinstance(first, dict) or first.get("udid") != disks[name].udid:
+            first = _read_record(self._strays, name, "stray record")
+            if first is None or first.get("udid") != disks[name].udid:
                 log.info("disk %s has no owner here; left until it is %d s old", name, STRAY_AGE)
-                record.write_text(json.dumps({"udid": disks[name].udid, "seen": now}))
-            elif now - float(first.get("seen", now)) >= STRAY_AGE:
+                write_json(self._strays, f"{name}.json", {"udid": disks[name].udid, "seen": now})
+            elif _seen(first) > now:  # a time ahead of the clock: counted from now
+                write_json(self._strays, f"{name}.json", {"udid": disks[name].udid, "seen": now})
+            elif now - _seen(first) >= STRAY_AGE:
                 old.append(name)
         for record in self._strays.glob("*.json"):  # strays gone meanwhile
             if record.stem not in disks:
@@ -506,12 +520,9 @@ class PowerVMVG(VolumeGroup):
         indexes and two sets of owner locks, and two VGs never share one."""
         mine = {"vios": vios_w.uuid, "vg": vg_w.uuid}
         path = self.state_dir / VG_BINDING
-        try:
-            bound = json.loads(path.read_text())
-        except FileNotFoundError:
-            bound = None
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"VG {self.spec}: {path} is unreadable ({exc})") from None
+        bound = read_json(self.state_dir, VG_BINDING, dict, what="VG binding", cap=_RECORD_CAP)
+        if bound is None and os.path.lexists(path):
+            raise StorageError(f"VG {self.spec}: {path} is unreadable (see the warning)")
         if bound is not None and bound != mine:
             raise StorageError(
                 f"VG {self.spec}: the state directory {self.state_dir} belongs to another "
@@ -519,9 +530,7 @@ class PowerVMVG(VolumeGroup):
                 "give this one a state_dir of its own"
             )
         if bound is None:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(mine))
-            os.replace(tmp, path)
+            write_json(self.state_dir, VG_BINDING, mine)
         if self._claims is None:
             return
         claim = self._claims / str(vg_w.uuid)
@@ -547,10 +556,11 @@ class PowerVMVG(VolumeGroup):
         after: by then the VIOS has ended the copy (pypowervm gives a copy 60 minutes)."""
         removed = []
         for record in sorted(self._timed_out.glob("*.json")):
-            try:
-                seen = float(json.loads(record.read_text())["seen"])
-            except (OSError, ValueError, KeyError, TypeError):
-                seen = 0.0
+            marked = _read_record(self._timed_out, record.stem, "timed-out copy record")
+            seen = 0.0 if marked is None else _seen(marked)
+            if seen > time.time():  # a time ahead of the clock: counted from now
+                write_json(self._timed_out, record.name, {"seen": time.time()})
+                continue
             if time.time() - seen < TIMED_OUT:
                 continue
             vg_w = self._read_vg()
@@ -586,23 +596,17 @@ class PowerVMVG(VolumeGroup):
         return self._records / f"{name}.json"
 
     def _record(self, name: str, udid: str, size: int) -> None:
-        path = self._record_path(name)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"udid": udid, "size": size}))
-        os.replace(tmp, path)
+        write_json(self._records, f"{name}.json", {"udid": udid, "size": size})
 
     def _forget(self, name: str) -> None:
         self._record_path(name).unlink(missing_ok=True)
 
     def _sized(self, disk: VDiskState) -> int:
         """The exact size this backend recorded for the disk, else its size in whole GB."""
-        try:
-            record = json.loads(self._record_path(disk.name).read_text())
-        except (OSError, ValueError):
-            record = None
-        if isinstance(record, dict) and record.get("udid") == disk.udid and disk.udid:
+        record = _read_record(self._records, disk.name, "disk size record")
+        if record is not None and record.get("udid") == disk.udid and disk.udid:
             size = record.get("size")
-            if isinstance(size, int):
+            if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 1 << 50:
                 return size
         return round(disk.capacity_gb * GB)
 
@@ -859,7 +863,7 @@ class PowerVMVG(VolumeGroup):
         except pvm_exc.TimeoutError:
             # the VIOS may still be copying: removing the disk now could pull it from under
             # the copy. It is marked, and removed by a later sweep (TIMED_OUT).
-            (self._timed_out / f"{target}.json").write_text(json.dumps({"seen": time.time()}))
+            write_json(self._timed_out, f"{target}.json", {"seen": time.time()})
             raise
         except Exception:
             # a copy the server began under the target name must not pass for complete
