@@ -61,13 +61,10 @@ from pvmcache_async.names import (
     partial_disk_name,
 )
 from pvmcache_async.storage import DiskIdentity, open_vg
-from pvmcache_async.storage.powervm.backend import (
-    STRAY_AGE,
-    TIMED_OUT,
-    PowerVMPartialDisk,
-    PowerVMVG,
-)
+from pvmcache_async.storage.powervm.backend import PowerVMVG
+from pvmcache_async.storage.powervm.partial import PowerVMPartialDisk
 from pvmcache_async.storage.powervm.spec import PASSWORD_ENV, connect, parse_spec
+from pvmcache_async.storage.powervm.state import STRAY_AGE, TIMED_OUT
 from pvmcache_async.storage.powervm.stream import StreamBuffer
 from pvmcache_dev.glance import GlanceServer
 

@@ -294,14 +294,14 @@ class TestServersWithoutTheCache(_NovaWithCache):
 
 class TestServersOnPowerVM(_NovaWithCache):
     """The same nova, its compute's VG a PowerVM VG: pypowervm's AdapterFx with the fake VIOS
-    of test_powervm.py behind it (the local NovaLink spelling: no host, no password)."""
+    of integration/test_powervm.py behind it (the local NovaLink spelling: no host, no password)."""
 
     def _vg_spec(self) -> str:
         pytest.importorskip("pypowervm")
         import fixtures
         from pypowervm.tests import test_fixtures as pvm_fx
 
-        from .test_powervm import VG_NAME, FakePowerVM
+        from ..integration.test_powervm import VG_NAME, FakePowerVM
 
         self.useFixture(fixtures.EnvironmentVariable("XDG_STATE_HOME", str(self._tmp / "xdg")))
         adapter = self.useFixture(pvm_fx.AdapterFx(traits=pvm_fx.LocalPVMTraits))

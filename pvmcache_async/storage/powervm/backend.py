@@ -40,7 +40,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,17 +53,36 @@ from pvmcache_async.errors import (
 )
 from pvmcache_async.locks import FileLock, OwnerLocks, SharedRead, private_dir
 from pvmcache_async.names import MAX_DISK_NAME, PARTIAL_PREFIX, is_temporary_name
-from pvmcache_async.storage.base import Capacity, DiskIdentity, DiskInfo, PartialDisk, VolumeGroup
+from pvmcache_async.storage.base import Capacity, DiskIdentity, DiskInfo, VolumeGroup
 from pvmcache_async.storage.checks import cause, check_disk_name, storage_error
+from pvmcache_async.storage.powervm.partial import PowerVMPartialDisk
 from pvmcache_async.storage.powervm.spec import DEFAULT_BUFFER, connect, parse_spec
-from pvmcache_async.storage.powervm.stream import StreamBuffer
+from pvmcache_async.storage.powervm.state import (
+    GB,
+    HTTP_BAD_REQUEST,
+    MAX_UPLOADS,
+    RECORD_CAP,
+    RENAME_TRIES,
+    STRAY_AGE,
+    TIMED_OUT,
+    VG_BINDING,
+    VG_LOCK_FILE,
+    VOL_GRP_LOCK,
+    Target,
+    VDiskState,
+    VGState,
+    disk_name,
+    http_status,
+    is_etag_mismatch,
+    read_record,
+    seen_at,
+)
 
 with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on stderr at import
     warnings.simplefilter("ignore")
     from oslo_concurrency import lockutils
     from pypowervm import const as pvm_const
     from pypowervm import exceptions as pvm_exc
-    from pypowervm.helpers import vios_busy
     from pypowervm.tasks import storage as pvm_stg
     from pypowervm.wrappers import managed_system as pvm_ms
     from pypowervm.wrappers import storage as pvm_stor
@@ -74,51 +92,11 @@ with warnings.catch_warnings():  # pypowervm pulls in eventlet, which warns on s
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-GB = 1 << 30  # pypowervm's sizes are in GB (GiB: util.convert_bytes_to_gb divides by 1024**3)
-MAX_UPLOADS = 3  # pypowervm's own cap (tasks.storage._UPLOAD_SEM); more would only queue
-RENAME_TRIES = 10
-HTTP_BAD_REQUEST = 400  # not in pypowervm's const.HTTPStatus
-ETAG_MISMATCH: int = pvm_const.HTTPStatus.ETAG_MISMATCH  # 412
-# pypowervm's process-wide lock of VG updates (tasks.storage._LOCK_VOL_GRP): crt_vdisk and
-# rm_vg_storage hold it; oslo's internal lock of one name is one lock in the process
-VOL_GRP_LOCK = "vol_grp_lock"
-VG_LOCK_FILE = "vg.lock"  # in the state directory: the VG's changes across processes
-VG_BINDING = "vg.json"  # in the state directory: the one VG (by uuid) it belongs to
-# a temporary disk without an owner file is another state directory's or host's writer's, or
-# nobody's: it is removed only once it has been seen for this long (a day outlasts uploads)
-STRAY_AGE = 86400.0
-TIMED_OUT = 2 * 3600.0  # a copy the client timed out on (after 60 min) is removed after this
 
 assert MAX_DISK_NAME <= pvm_const.MaxLen.VDISK_NAME  # names.py keeps names within PowerVM's
 
 
 # -- errors and the spec -----------------------------------------------------------------
-
-
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status of a pypowervm error, if it has one."""
-    status = getattr(getattr(exc, "response", None), "status", None)
-    return status if isinstance(exc, pvm_exc.HttpError) and isinstance(status, int) else None
-
-
-def _is_etag_mismatch(exc: BaseException) -> bool:
-    return _status(exc) == ETAG_MISMATCH
-
-
-_RECORD_CAP = 4096  # bytes: the state records here are a few fields each
-
-
-def _read_record(directory: Path, name: str, what: str) -> dict[str, Any] | None:
-    """A record of this state directory, read as every state file is (``statefiles``)."""
-    return read_json(directory, f"{name}.json", dict, what=what, cap=_RECORD_CAP)
-
-
-def _seen(record: dict[str, Any]) -> float:
-    """A record's ``seen`` time, 0 where it is not a finite number (so it counts as old)."""
-    seen = record.get("seen")
-    if isinstance(seen, bool) or not isinstance(seen, int | float) or not math.isfinite(seen):
-        return 0.0
-    return float(seen)
 
 
 def open_powervm_vg(rest: str) -> PowerVMVG:
@@ -137,183 +115,6 @@ def open_powervm_vg(rest: str) -> PowerVMVG:
 
 
 # -- the backend --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    adapter: Any
-    vios_uuid: str
-    vg_uuid: str
-
-
-@dataclass(frozen=True, slots=True)
-class VDiskState:
-    """One virtual disk as a read of the VG found it, as plain values."""
-
-    name: str
-    udid: str | None
-    capacity_gb: float
-    file_format: str | None
-    label: str | None = None
-
-    @classmethod
-    def of(cls, vdisk: Any) -> VDiskState:
-        # VDisk.bld writes str(None), "None", as the label of a disk made without one
-        label = vdisk.label if vdisk.label not in (None, "", "None") else None
-        return cls(_disk_name(vdisk), vdisk.udid, vdisk.capacity or 0.0, vdisk.file_format, label)
-
-
-def _disk_name(vdisk: Any) -> str:
-    # a VDisk's name can come back as /path/to/name (see pypowervm's crt_vdisk)
-    return (vdisk.name or "").split("/")[-1]
-
-
-@dataclass(frozen=True, slots=True)
-class VGState:
-    """The VG as one GET found it (its disks, its capacity), as plain values made in the worker
-    thread: every caller that shares the GET gets this, never pypowervm's wrapper."""
-
-    disks: tuple[VDiskState, ...]
-    capacity: Capacity
-
-    @classmethod
-    def of(cls, vg_w: Any) -> VGState:
-        known = [v for v in (vg_w.available_size, vg_w.free_space) if v is not None]
-        free_gb = min(known) if known else 0.0
-        # disks are made in whole GB: only whole free GB can hold an image
-        capacity = Capacity(total=int((vg_w.capacity or 0.0) * GB), free=math.floor(free_gb) * GB)
-        return cls(tuple(VDiskState.of(d) for d in vg_w.virtual_disks), capacity)
-
-
-class PowerVMPartialDisk(PartialDisk):
-    """A disk being uploaded under its partial name; ``publish`` renames it after the check."""
-
-    def __init__(
-        self, vg: PowerVMVG, name: str, size: int, label: str | None, owner: FileLock
-    ) -> None:
-        self.name = name
-        self.size = size
-        self._vg = vg
-        self._label = label
-        self._owner = owner  # held until the disk is renamed or removed
-        self._buffer: StreamBuffer | None = None
-        self._upload: asyncio.Future[Any] | None = None
-        self._closed = False
-
-    @property
-    def buffer(self) -> StreamBuffer | None:
-        """The current upload's buffer (for tests and diagnostics)."""
-        return self._buffer
-
-    def _start(self) -> None:
-        self._buffer = StreamBuffer(self._vg.buffer_bytes)
-        self._upload = asyncio.get_running_loop().run_in_executor(
-            self._vg.upload_executor(), self._run_upload, self._buffer
-        )
-
-    def _run_upload(self, buffer: StreamBuffer) -> Any:
-        """In an upload thread: create the disk under the partial name and stream into it.
-
-        pypowervm's ``upload_new_vdisk`` in its public steps, so that the disk's creation
-        (``crt_vdisk``, an unconditional PUT of the VG) runs under the VG's change lock
-        (``PowerVMVG.changing``): the disk, then its File, then the upload, without the VIOS
-        busy retry (a retried upload would read the stream again), as pypowervm uploads. A
-        failed upload removes the disk; the File is removed whatever happens (a VIOS keeps
-        100), and one whose removal failed is tried again by ``remove_dead_temporaries``.
-        """
-        try:
-            t = self._vg.target_sync()
-            gb = math.ceil(self.size / GB)
-            with self._vg.changing(pypowervm_locks=True):
-                self._vg.check_room(self._vg._read_vg(), self.name, gb)  # no other change since
-                vdisk = pvm_stg.crt_vdisk(t.adapter, t.vios_uuid, t.vg_uuid, self.name, gb)
-            try:
-                vio_file = pvm_vf.File.bld(
-                    t.adapter,
-                    self.name,
-                    pvm_vf.FileType.DISK_IMAGE,
-                    t.vios_uuid,
-                    f_size=self.size,
-                    tdev_udid=vdisk.udid,
-                ).create()
-                try:
-                    helpers = [
-                        h for h in t.adapter.helpers if h is not vios_busy.vios_busy_retry_helper
-                    ]
-                    t.adapter.upload_file(vio_file.element, buffer, helpers=helpers)
-                finally:
-                    self._vg.remove_file(vio_file)
-            except BaseException:
-                with contextlib.suppress(Exception):  # the first error is the one to report
-                    self._vg.delete_sync(self.name, vdisk.udid)
-                raise
-        except BaseException as exc:
-            buffer.reader_failed(exc)
-            raise
-        return vdisk
-
-    async def _stop_upload(self, reason: str) -> None:
-        """Abort the upload in flight and wait until its thread has let go."""
-        if self._buffer is not None:
-            self._buffer.abort(reason)
-        if self._upload is not None:
-            upload, self._upload = self._upload, None
-            with contextlib.suppress(Exception):  # the abort itself, or what it interrupted
-                await asyncio.shield(upload)
-
-    async def write(self, chunk: bytes) -> None:
-        if self._closed:
-            raise StorageError(f"partial disk {self.name} is already closed")
-        if self._upload is None:
-            self._start()
-        assert self._buffer is not None
-        await self._buffer.put(chunk)
-
-    async def rewind(self) -> None:
-        """A stream already sent cannot be taken back: drop the disk and start a new one."""
-        if self._closed:
-            raise StorageError(f"partial disk {self.name} is already closed")
-        if self._upload is None:
-            return  # nothing sent yet
-        await self._stop_upload("rewound")
-        await self._vg.delete(self.name)  # in case pypowervm's own clean-up failed
-        self._buffer = None
-
-    async def publish(self, final_name: str, size: int | None = None) -> None:
-        if self._closed:
-            raise StorageError(f"partial disk {self.name} is already closed")
-        if size is not None and size < self.size:
-            raise InvalidInput(f"disk {final_name}: {size} bytes cannot hold {self.size}")
-        self._vg.check_name(final_name)
-        written = self._buffer.bytes_written if self._buffer is not None else 0
-        if self._buffer is None or self._upload is None or written != self.size:
-            raise StorageError(
-                f"partial disk {self.name} got {written} bytes, not {self.size}; not publishing it"
-            )
-        self._buffer.close()  # the end of the stream: only now can the upload complete
-        try:
-            vdisk = await asyncio.shield(self._upload)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            raise storage_error(f"uploading {self.name} to PowerVM", exc) from exc
-        self._upload = None
-        final_size = self.size if size is None else size
-        await self._vg.rename(vdisk.udid, self.name, final_name, self._label, final_size)
-        self._closed = True
-        self._vg.release_upload_slot(self)
-        OwnerLocks.disown(self._owner)
-
-    async def discard(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._stop_upload("discarded")
-            await self._vg.delete(self.name)
-            OwnerLocks.disown(self._owner)  # kept when the delete failed: a sweep retries it
-        finally:
-            self._vg.release_upload_slot(self)
 
 
 class PowerVMVG(VolumeGroup):
@@ -338,7 +139,7 @@ class PowerVMVG(VolumeGroup):
         self.state_dir = state_dir
         self.buffer_bytes = buffer_bytes
         self._adapter_factory = adapter_factory
-        self._target: _Target | None = None
+        self._target: Target | None = None
         self._target_lock = threading.Lock()
         self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
         self._upload_slots = asyncio.Semaphore(MAX_UPLOADS)
@@ -377,14 +178,14 @@ class PowerVMVG(VolumeGroup):
         self.live.discard(partial)
         self._upload_slots.release()
 
-    def target_sync(self) -> _Target:
+    def target_sync(self) -> Target:
         """Connect and find the VG once (blocking: worker threads only)."""
         with self._target_lock:
             if self._target is None:
                 adapter = self._adapter_factory()
                 vios_w, vg_w = self._find(adapter)
                 self._bind(vios_w, vg_w)
-                self._target = _Target(adapter, vios_w.uuid, vg_w.uuid)
+                self._target = Target(adapter, vios_w.uuid, vg_w.uuid)
             return self._target
 
     async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -464,13 +265,13 @@ class PowerVMVG(VolumeGroup):
         now = time.time()
         old = []
         for name in sorted(set(disks) - set(owned)):
-            first = _read_record(self._strays, name, "stray record")
+            first = read_record(self._strays, name, "stray record")
             if first is None or first.get("udid") != disks[name].udid:
                 log.info("disk %s has no owner here; left until it is %d s old", name, STRAY_AGE)
                 write_json(self._strays, f"{name}.json", {"udid": disks[name].udid, "seen": now})
-            elif _seen(first) > now:  # a time ahead of the clock: counted from now
+            elif seen_at(first) > now:  # a time ahead of the clock: counted from now
                 write_json(self._strays, f"{name}.json", {"udid": disks[name].udid, "seen": now})
-            elif now - _seen(first) >= STRAY_AGE:
+            elif now - seen_at(first) >= STRAY_AGE:
                 old.append(name)
         for record in self._strays.glob("*.json"):  # strays gone meanwhile
             if record.stem not in disks:
@@ -520,7 +321,7 @@ class PowerVMVG(VolumeGroup):
         indexes and two sets of owner locks, and two VGs never share one."""
         mine = {"vios": vios_w.uuid, "vg": vg_w.uuid}
         path = self.state_dir / VG_BINDING
-        bound = read_json(self.state_dir, VG_BINDING, dict, what="VG binding", cap=_RECORD_CAP)
+        bound = read_json(self.state_dir, VG_BINDING, dict, what="VG binding", cap=RECORD_CAP)
         if bound is None and os.path.lexists(path):
             raise StorageError(f"VG {self.spec}: {path} is unreadable (see the warning)")
         if bound is not None and bound != mine:
@@ -556,8 +357,8 @@ class PowerVMVG(VolumeGroup):
         after: by then the VIOS has ended the copy (pypowervm gives a copy 60 minutes)."""
         removed = []
         for record in sorted(self._timed_out.glob("*.json")):
-            marked = _read_record(self._timed_out, record.stem, "timed-out copy record")
-            seen = 0.0 if marked is None else _seen(marked)
+            marked = read_record(self._timed_out, record.stem, "timed-out copy record")
+            seen = 0.0 if marked is None else seen_at(marked)
             if seen > time.time():  # a time ahead of the clock: counted from now
                 write_json(self._timed_out, record.name, {"seen": time.time()})
                 continue
@@ -588,7 +389,7 @@ class PowerVMVG(VolumeGroup):
 
     @staticmethod
     def _named(vg_w: Any, name: str) -> list[Any]:
-        return [d for d in vg_w.virtual_disks if _disk_name(d) == name]
+        return [d for d in vg_w.virtual_disks if disk_name(d) == name]
 
     # -- the exact sizes of the disks this backend filled --------------------------------
 
@@ -603,7 +404,7 @@ class PowerVMVG(VolumeGroup):
 
     def _sized(self, disk: VDiskState) -> int:
         """The exact size this backend recorded for the disk, else its size in whole GB."""
-        record = _read_record(self._records, disk.name, "disk size record")
+        record = read_record(self._records, disk.name, "disk size record")
         if record is not None and record.get("udid") == disk.udid and disk.udid:
             size = record.get("size")
             if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 1 << 50:
@@ -726,7 +527,7 @@ class PowerVMVG(VolumeGroup):
 
         def renamed(vg_w: Any) -> bool:
             return any(
-                d.udid == udid and _disk_name(d) == final_name and (d.capacity or 0) >= gb
+                d.udid == udid and disk_name(d) == final_name and (d.capacity or 0) >= gb
                 for d in vg_w.virtual_disks
             )
 
@@ -747,10 +548,10 @@ class PowerVMVG(VolumeGroup):
                     try:
                         after = vg_w.update()
                     except pvm_exc.HttpError as exc:
-                        if _is_etag_mismatch(exc):
+                        if is_etag_mismatch(exc):
                             log.debug("etag mismatch renaming %s to %s; retrying", name, final_name)
                             continue  # the VG changed under us: read it again
-                        if _status(exc) == HTTP_BAD_REQUEST:  # refused as such
+                        if http_status(exc) == HTTP_BAD_REQUEST:  # refused as such
                             log.warning(
                                 "the VIOS refused to rename %s to %s (%s); publishing a copy",
                                 name,
