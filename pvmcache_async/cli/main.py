@@ -93,7 +93,7 @@ class _Session:
 
     SIGINT and SIGTERM cancel every operation under way; each runs its own clean-up to the
     end (the core's: a cancelled deploy undoes its clone, a download left by every deploy is
-    cancelled by ``ImageCache.close`` and discarded), and ``settle`` returns only once all
+    cancelled by ``ImageCache.close`` and discarded), and ``cancel_and_wait`` returns only once all
     have ended, so the cache closes after them. Only the first signal acts.
 
     A write to stdout that fails (a closed pipe, a full disk) is remembered, not raised: the
@@ -128,7 +128,7 @@ class _Session:
         task = asyncio.current_task()
         return self.signal is not None and not (task is not None and task.cancelling())
 
-    async def settle(self) -> None:
+    async def cancel_and_wait(self) -> None:
         """Cancel any operation still running (an error ended the command early) and wait
         until every one has ended, its clean-up included."""
         running = [t for t in self._tasks if not t.done()]
@@ -266,7 +266,7 @@ async def _run(args: argparse.Namespace, session: _Session) -> int:
             return 0
         raise InvalidInput(f"unknown command {args.command!r}")
     finally:
-        await session.settle()  # every operation has ended, clean-up included, before
+        await session.cancel_and_wait()  # every operation has ended, clean-up included, before
         await bars.close()
         await cache.close()  # the cache cancels its downloads and closes
 

@@ -179,6 +179,12 @@ def _refuse_links(path: Path) -> None:
 
 
 class Index:
+    """The sqlite index of one VG's cache disks (see the module docstring).
+
+    Blocking calls, each short, serialised within the process by one lock; sqlite serialises
+    processes. Every row read comes back as a ``CacheEntry`` whose values were range-checked,
+    or as a ``BadRow`` saying what was wrong; what a row is worth is ``Catalog``'s to say."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()

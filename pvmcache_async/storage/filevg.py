@@ -173,6 +173,14 @@ def _resize(fd: int, size: int, preallocating: bool) -> bool:
 
 
 class FilePartialDisk(PartialDisk):
+    """A file VG disk being filled: a file under its writer's own ``p_``/``t_`` name, held by
+    the writer's ``flock`` on its open descriptor from creation to publish or discard.
+
+    Writes go at the end, zero runs as holes (punched out of room taken up front); ``publish``
+    sets the identity xattrs, fsyncs and links the open file under its final name (never by
+    name, never over a disk), then removes its temporary name; ``discard`` unlinks only the
+    file this writer created (same inode)."""
+
     def __init__(
         self,
         vg: FileVG,

@@ -37,7 +37,7 @@ class Reference:
         return self.bytes / (1 << 20) / self.seconds if self.seconds > 0 else 0.0
 
 
-def settle() -> None:
+def sync_disks() -> None:
     """Let earlier writes reach the disk first, so none of them is still in flight during
     (and billed to) the next measurement."""
     os.sync()
@@ -47,7 +47,7 @@ def _timed(fn: Callable[[], object], repeats: int, setup: Callable[[], object] =
     times = []
     for _ in range(repeats):
         setup()  # not timed
-        settle()
+        sync_disks()
         start = time.monotonic()
         fn()
         times.append(time.monotonic() - start)

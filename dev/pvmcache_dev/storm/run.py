@@ -110,7 +110,7 @@ def _percentile(values: list[float], q: float) -> float:
 def _run_job(job: Job) -> dict[str, Any]:
     """Run one job in a fresh interpreter (its RSS and CPU are then its own), after the
     writes of whatever ran before it have settled."""
-    refs.settle()
+    refs.sync_disks()
     proc = subprocess.run(
         [sys.executable, "-m", "pvmcache_dev.storm"],
         input=json.dumps(asdict(job)),
