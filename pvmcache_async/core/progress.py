@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import threading
 import time
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pvmcache_async.core.statefiles import open_directory, read_json, warn_once
+from pvmcache_async.core.statefiles import open_directory, read_json, replace_json, warn_once
 from pvmcache_async.errors import InvalidInput, StorageError, shown
 from pvmcache_async.locks import private_dir
 from pvmcache_async.names import validate_image_id
@@ -257,17 +256,8 @@ class Meter:
         with self._closing:  # a write still in its thread never brings a closed record back
             if self._closed or (directory := self._records()) is None:
                 return
-            try:
-                # a fresh file of this writer's own: never through a link planted at its name
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._tmp, dir_fd=directory)
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                with os.fdopen(os.open(self._tmp, flags, 0o644, dir_fd=directory), "w") as out:
-                    out.write(json.dumps(asdict(record)))
-                # replaces a link at the name, not its target
-                os.replace(self._tmp, self._name, src_dir_fd=directory, dst_dir_fd=directory)
-            except OSError:
-                pass  # progress is for people watching; it never fails a download
+            with contextlib.suppress(OSError):  # progress is for watchers: it fails no download
+                replace_json(directory, self._name, self._tmp, asdict(record), mode=0o644)
 
     def _records(self) -> int | None:
         """The records' directory, open (again, if its path now names another one); None

@@ -12,6 +12,8 @@ that breaks a rule is treated as absent and logged as one warning naming it and 
 files are made, renamed and removed inside it (``dir_fd``), wherever its path comes to point;
 ``warn_once`` is the one warning of a file or directory refused. ``read_only`` tells whether a
 path's filesystem cannot be written at all.
+``replace_json`` (in an open directory) and ``write_json`` (by the directory's path) are the
+one way to write such a file: a writer's own fresh temporary, renamed over the name.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["MAX_DEPTH", "open_directory", "read_json", "read_only", "warn_once", "write_json"]
+__all__ = [
+    "MAX_DEPTH",
+    "open_directory",
+    "read_json",
+    "read_only",
+    "replace_json",
+    "warn_once",
+    "write_json",
+]
 
 T = TypeVar("T")
 MAX_DEPTH = 8  # of arrays and objects in one file: our records are flat
@@ -173,24 +183,29 @@ def read_json(
 
 
 def write_json(directory: Path, name: str, value: dict[str, Any]) -> None:
-    """Replace file ``name`` of ``directory`` with ``value`` as JSON, atomically and inside the
-    real directory (opened as ``open_directory`` opens it): written to a fresh temporary of
-    this writer's own (``O_EXCL|O_NOFOLLOW``), then renamed over the name, which replaces a
-    link planted there rather than writing through it. OSError when it cannot be written."""
+    """Replace file ``name`` of ``directory`` with ``value`` as JSON, inside the real directory
+    (opened as ``open_directory`` opens it), as ``replace_json`` does. OSError when it cannot
+    be written."""
     fd = open_directory(directory)
-    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=fd)  # this writer's own name: a leftover of its pid's
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        out = os.open(tmp, flags, 0o600, dir_fd=fd)
-        try:
-            os.write(out, json.dumps(value).encode())
-        finally:
-            os.close(out)
-        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        replace_json(fd, name, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp", value)
     finally:
         os.close(fd)
+
+
+def replace_json(
+    directory: int, name: str, tmp: str, value: dict[str, Any], *, mode: int = 0o600
+) -> None:
+    """Replace file ``name`` of the open ``directory`` with ``value`` as JSON, atomically:
+    written to ``tmp``, a fresh file of this writer's own (``O_EXCL|O_NOFOLLOW``; a leftover
+    of the same name is removed first), then renamed over the name, which replaces a link
+    planted there rather than writing through it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(tmp, flags, mode, dir_fd=directory), "w") as out:
+        out.write(json.dumps(value))
+    os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
 
 
 def _warn(what: str, path: Path, problem: str, *, key: Path | None = None) -> None:
